@@ -1,6 +1,6 @@
 """Packing benchmark: slot efficiency, packing speed, and training throughput on CPU.
 
-Run from the repository root: `.venv/bin/python -m benchmarks.packing` (about a minute on 2 cores).
+Run from the repository root: `.venv/bin/python -m benchmarks.packing` (about 15 s on 2 idle cores).
 The last line printed is one JSON object with every figure, for CI to record.
 """
 

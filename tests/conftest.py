@@ -1,0 +1,23 @@
+"""Shared fixtures: the tiny model and its tokenizer, built once per test session."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.tiny_model import build_tiny_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART_DATA = REPO_ROOT / "examples" / "quickstart" / "finance_sentiment.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0, corpus_files=[QUICKSTART_DATA])
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -1,0 +1,119 @@
+"""End-to-end: the real Prefect flow on the tiny model, and what the cache promises.
+
+- the quickstart learns: tuned accuracy on the held-out split far above the base model's;
+- an unchanged re-run does no work (every stage cached);
+- changing an eval setting re-runs eval (and export, which records eval's metrics), nothing upstream;
+- changing one byte of one data row re-runs every stage;
+- a stage whose output directory was deleted runs again although Prefect remembers it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import load_config
+from tasks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0, corpus_files=[QUICKSTART_DATA])
+
+
+def write_config(directory: Path, base_model: Path, data: Path, name: str = "run", **overrides) -> Path:
+    """The quickstart config, redirected to a scratch state/output dir, with overrides."""
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    raw.update(
+        base_model=str(base_model),
+        state_dir=str(directory / "state"),
+        output_dir=str(directory / "outputs"),
+    )
+    raw["datasets"][0]["path"] = str(data)
+    raw["contract"] = {"dir": str(REPO / "data_contracts")}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            raw.setdefault(key, {}).update(value)
+        else:
+            raw[key] = value
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def states(summary: dict) -> dict[str, str]:
+    return {stage: outcome["state"] for stage, outcome in summary["stages"].items()}
+
+
+def test_quickstart_learns_and_reruns_cached(prefect_server, base_model, tmp_path):
+    from flows.pipeline import pipeline
+
+    config_path = write_config(tmp_path, base_model, QUICKSTART_DATA)
+    first = pipeline(str(config_path))
+    assert states(first) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
+    tuned, base = first["eval"]["tuned"], first["eval"]["base"]
+    assert tuned["accuracy"] >= 0.9, tuned
+    assert base["accuracy"] <= 0.4, base
+    assert tuned["samples"] == base["samples"] == 150
+    assert first["prep"]["rows_in"] == first["prep"]["rows_accepted"] + first["prep"]["rows_quarantined"] == 3000
+
+    written = json.loads((tmp_path / "outputs" / "run_summary.json").read_text())
+    assert written["stages"]["train"]["fingerprint"] == first["stages"]["train"]["fingerprint"]
+    exported = Path(written["export_path"])
+    assert (exported / "model.safetensors").is_file() and (exported / "README.md").is_file()
+    assert (exported / "tokenizer.json").is_file()
+
+    second = pipeline(str(config_path))
+    assert states(second) == {"prep": "cached", "train": "cached", "eval": "cached", "export": "cached"}
+    assert second["eval"] == first["eval"]
+
+
+def test_cache_follows_content_not_paths(prefect_server, base_model, tmp_path):
+    from flows.pipeline import pipeline
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:400]))
+    small = {"max_steps": 12, "save_steps": 6, "eval": {"max_samples": 8}}
+    config_path = write_config(tmp_path, base_model, data, **small)
+    assert states(pipeline(str(config_path))) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
+
+    # Moving the data elsewhere changes no content: nothing runs.
+    moved = tmp_path / "moved" / "data.jsonl"
+    moved.parent.mkdir()
+    shutil.copy2(data, moved)
+    moved_config = write_config(tmp_path, base_model, moved, name="moved", **small)
+    assert set(states(pipeline(str(moved_config))).values()) == {"cached"}
+
+    # An eval-only setting: eval (and export, which carries eval's metrics) re-run, nothing upstream.
+    eval_change = write_config(tmp_path, base_model, data, name="eval-change", **{**small, "eval": {"max_samples": 8, "max_tokens": 5}})
+    assert states(pipeline(str(eval_change))) == {"prep": "cached", "train": "cached", "eval": "ran", "export": "ran"}
+
+    # One byte of one row: every stage runs again.
+    content = data.read_bytes()
+    position = content.index(b"shares")
+    data.write_bytes(content[:position] + b"Shares" + content[position + len(b"shares"):])
+    assert states(pipeline(str(config_path))) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
+
+    # An output deleted behind Prefect's back is a cache miss, not a broken pipeline.
+    cfg = load_config(config_path)
+    for directory in (Path(cfg.state_dir) / "eval").iterdir():
+        shutil.rmtree(directory)
+    rerun = states(pipeline(str(config_path)))
+    assert rerun["eval"] == "ran" and rerun["train"] == "cached"
