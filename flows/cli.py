@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows import ops_cli
 from tasks.config import ConfigError, RunConfig, load_config
 
 # No network here, and telemetry against a SQLite server can cause "database is locked".
@@ -27,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tuning pipelines: prep -> train -> eval -> export.")
 config_app = typer.Typer(no_args_is_help=True, help="The config format.")
 app.add_typer(config_app, name="config")
+for command in (ops_cli.server, ops_cli.serve, ops_cli.deploy, ops_cli.runs):
+    app.command()(command)
 console = Console()
 CONFIG_ERROR_EXIT = 2
 
@@ -58,34 +61,56 @@ def schema() -> None:
 
 
 @app.command()
-def run(config: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
+def run(
+    configs: list[Path] = typer.Argument(..., help="Run config(s) (YAML); one pipeline per config."),
+    only: str | None = typer.Option(None, "--only", help="Run just this stage, on the cached outputs upstream."),
+    start_from: str | None = typer.Option(None, "--from", help="Run this stage and every stage after it."),
+    refresh: list[str] = typer.Option([], "--refresh", help="Re-run this stage although it is cached (repeatable)."),
+    max_parallel: int = typer.Option(1, "--max-parallel", min=1, help="Pipelines running at once."),
+) -> None:
     """Run the pipeline; stages whose inputs did not change come back cached."""
-    cfg = _load_checked(config)
-    from flows.pipeline import SUMMARY, pipeline
+    for config in configs:
+        _load_checked(config)
+    from flows.batch import run_pipelines
 
     started = time.monotonic()
-    summary = pipeline(str(config))
-    _print_summary(summary, time.monotonic() - started)
-    console.print(f"summary written to {Path(cfg.output_dir) / SUMMARY}")
+    outcomes = run_pipelines(configs, only=only, start_from=start_from, refresh=refresh, max_parallel=max_parallel)
+    for outcome in outcomes:
+        if outcome.summary is not None:
+            _print_summary(outcome.summary)
+    if len(outcomes) > 1 or outcomes[0].error:
+        _print_outcomes(outcomes)
+    console.print(f"finished in {time.monotonic() - started:.1f} s")
+    if any(outcome.error for outcome in outcomes):
+        raise typer.Exit(1)
 
 
-def _print_summary(summary: dict, total_s: float) -> None:
+def _print_outcomes(outcomes: list) -> None:
+    table = Table(title="pipelines")
+    for column in ("config", "outcome", "detail"):
+        table.add_column(column)
+    for outcome in outcomes:
+        detail = outcome.error or str(Path(outcome.summary_path))
+        table.add_row(str(outcome.config), "failed" if outcome.error else "completed", detail)
+    console.print(table)
+
+
+def _print_summary(summary: dict) -> None:
     table = Table(title=f"loraflow run: {summary['config']}")
     for column in ("stage", "state", "duration", "key numbers"):
         table.add_column(column)
     key_numbers = {
-        "prep": ", ".join(f"{k}={v}" for k, v in summary["prep"].items()),
-        "train": ", ".join(f"{k}={_short(v)}" for k, v in summary["train"].items() if v is not None),
+        "prep": ", ".join(f"{k}={v}" for k, v in (summary["prep"] or {}).items()),
+        "train": ", ".join(f"{k}={_short(v)}" for k, v in (summary["train"] or {}).items() if v is not None),
         "eval": "; ".join(
             f"{model}: " + ", ".join(f"{k}={_short(v)}" for k, v in metrics.items() if k in ("accuracy", "exact_match", "samples"))
-            for model, metrics in summary["eval"].items()
+            for model, metrics in (summary["eval"] or {}).items()
         ),
-        "export": summary["export_path"],
+        "export": summary["export_path"] or "",
     }
     for stage, outcome in summary["stages"].items():
         table.add_row(stage, outcome["state"], f"{outcome['duration_s']:.1f} s", key_numbers.get(stage, ""))
     console.print(table)
-    console.print(f"pipeline finished in {total_s:.1f} s")
 
 
 def _short(value: object) -> str:

@@ -95,6 +95,16 @@ class ScheduleConfig(StrictModel):
     timezone: str = Field("UTC")
 
 
+class RetrySettings(StrictModel):
+    """How often Prefect retries a failed stage before the run fails."""
+
+    prep: int = Field(0, ge=0)
+    train: int = Field(0, ge=0, description="Training resumes from its last checkpoint on a retry.")
+    eval: int = Field(1, ge=0, description="Eval depends on a server; transient failures are common.")
+    export: int = Field(0, ge=0)
+    delay_seconds: float = Field(10.0, ge=0)
+
+
 class LoraBlock(StrictModel):
     """PEFT-style nested `lora_config:`, accepted as an alias of the flat `lora_*` keys."""
 
@@ -161,15 +171,7 @@ class RunConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unsupported_keys(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key, reason in UNSUPPORTED_AXOLOTL_KEYS.items():
-                if data.get(key) not in (None, False, "", [], {}):
-                    raise ValueError(f"`{key}` is a known Axolotl setting but {reason}")
-        return data
+    retries: RetrySettings = Field(default_factory=RetrySettings)
 
     @model_validator(mode="after")
     def _apply_lora_block(self) -> RunConfig:
@@ -208,7 +210,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "eval": ("eval",),
     "export": ("export", "hub_model_id"),
     # Where outputs go and when runs start never changes what a stage computes.
-    "none": ("name", "base_model", "output_dir", "state_dir", "schedule"),
+    "none": ("name", "base_model", "output_dir", "state_dir", "schedule", "retries"),
 }
 
 
@@ -231,14 +233,29 @@ def load_config(path: str | Path) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level")
     raw.setdefault("name", path.stem)
+    raw, unsupported = _take_unsupported_keys(raw)
     try:
-        return RunConfig.model_validate(raw)
+        cfg = RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(path, error)) from None
+        raise ConfigError(format_validation_error(path, error, unsupported)) from None
+    if unsupported:
+        raise ConfigError("\n".join([f"{path}: {len(unsupported)} problem(s) in the config", *unsupported]))
+    return cfg
 
 
-def format_validation_error(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: {error.error_count()} problem(s) in the config"]
+def _take_unsupported_keys(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Drops known-but-unsupported Axolotl keys; the ones actually switched on are problems.
+    Axolotl example configs often carry `load_in_8bit: false` and the like, which must load."""
+    problems = [
+        f"  - `{key}` is a known Axolotl setting but {reason}"
+        for key, reason in UNSUPPORTED_AXOLOTL_KEYS.items()
+        if raw.get(key) not in (None, False, "", [], {})
+    ]
+    return {key: value for key, value in raw.items() if key not in UNSUPPORTED_AXOLOTL_KEYS}, problems
+
+
+def format_validation_error(path: Path, error: ValidationError, other_problems: list[str] = ()) -> str:
+    lines = [f"{path}: {error.error_count() + len(other_problems)} problem(s) in the config", *other_problems]
     for problem in error.errors():
         location = ".".join(str(part) for part in problem["loc"])
         if problem["type"] == "extra_forbidden":

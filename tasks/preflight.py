@@ -50,7 +50,9 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
         if not cfg.bf16:
             problems.append("`flash_attention: true` needs half precision; set `bf16: true` (flash-attn has no fp32 kernels)")
         if importlib.util.find_spec("flash_attn") is None:
-            problems.append("`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false")
+            problems.append(
+                "`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false"
+            )
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
     if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):

@@ -72,11 +72,6 @@ def test_unsupported_axolotl_key_is_named_as_known_but_unsupported(tmp_path: Pat
     assert "unknown key" not in message
 
 
-@pytest.mark.xfail(
-    reason="config.py: _reject_unsupported_keys lets falsy values through but does not drop the key, "
-    "so extra='forbid' then rejects `load_in_8bit: false` as an unknown key",
-    strict=True,
-)
 def test_unsupported_key_that_is_switched_off_is_accepted(tmp_path: Path) -> None:
     # Axolotl example configs carry these disabled; they must not block running them as is.
     cfg = load_config(write_config(tmp_path, "load_in_8bit: false\nwandb_project:\n"))
@@ -84,11 +79,6 @@ def test_unsupported_key_that_is_switched_off_is_accepted(tmp_path: Path) -> Non
     assert not cfg.load_in_4bit
 
 
-@pytest.mark.xfail(
-    reason="config.py: _reject_unsupported_keys raises in a mode='before' validator, which hides every "
-    "other problem, contrary to load_config's 'every problem is reported at once'",
-    strict=True,
-)
 def test_unsupported_key_does_not_hide_other_problems(tmp_path: Path) -> None:
     message = config_error(tmp_path, "deepspeed: ds.json\nlearning_rat: 2e-4\n")
 

@@ -1,0 +1,45 @@
+"""Several fine-tunes at once: one pipeline flow run per config, at most `max_parallel` at a time.
+
+One pipeline's failure is reported with the others' results instead of stopping them. Stages
+that hold an accelerator carry the `gpu` tag, so a Prefect concurrency limit on that tag makes
+jobs on one machine queue for the GPU instead of fighting over its memory.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import tags
+
+from flows.pipeline import SUMMARY, pipeline
+from tasks.config import load_config
+
+
+@dataclass
+class PipelineOutcome:
+    config: Path
+    summary: dict | None
+    summary_path: Path | None
+    error: str | None
+
+
+def run_one(config: Path, only: str | None, start_from: str | None, refresh: list[str]) -> PipelineOutcome:
+    with tags(f"config:{config.stem}", "loraflow"):
+        state = pipeline(str(config), only=only, start_from=start_from, refresh=refresh, return_state=True)
+    if not state.is_completed():
+        return PipelineOutcome(config, None, None, f"{state.name}: {state.message}")
+    summary = state.result()
+    return PipelineOutcome(config, summary, Path(load_config(config).output_dir) / SUMMARY, None)
+
+
+def run_pipelines(
+    configs: list[Path], only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None, max_parallel: int = 1
+) -> list[PipelineOutcome]:
+    refresh = refresh or []
+    if len(configs) == 1:
+        return [run_one(configs[0], only, start_from, refresh)]
+    with ThreadPoolExecutor(max_workers=max_parallel, thread_name_prefix="pipeline") as pool:
+        futures = [pool.submit(run_one, config, only, start_from, refresh) for config in configs]
+        return [future.result() for future in futures]

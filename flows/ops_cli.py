@@ -1,0 +1,108 @@
+"""Day-to-day operations: a local Prefect server, the nightly deployment, and run history."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+REPO = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+WORK_POOL = "loraflow-process"
+GPU_LIMIT_TAG = "gpu"
+
+
+def _prefect_command() -> str:
+    return str(Path(sys.executable).with_name("prefect"))
+
+
+def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
+    """Start a local Prefect server (SQLite, 127.0.0.1 only, analytics off) for the UI."""
+    url = f"http://127.0.0.1:{port}"
+    console.print(f"Prefect UI: {url}")
+    console.print(f"Point runs at it:  export PREFECT_API_URL={url}/api")
+    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(command, env=environment))
+
+
+def serve(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    cron: str = typer.Option("0 2 * * *", help="Schedule (cron, UTC)."),
+) -> None:
+    """Serve the pipeline for CONFIG on a schedule from this process, without a work pool."""
+    from flows.pipeline import pipeline
+
+    pipeline.serve(name=f"{config.stem}-served", cron=cron, parameters={"config_path": str(config)}, global_limit=1)
+
+
+def deploy(prefect_file: Path = typer.Option(PREFECT_FILE, help="Deployment definitions.")) -> None:
+    """Register the deployments of deployments/prefect.yaml (with their work pool and the `gpu`
+    concurrency limit) on the Prefect server named by PREFECT_API_URL."""
+    if not os.environ.get("PREFECT_API_URL"):
+        console.print("PREFECT_API_URL is not set: start `loraflow server` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        raise typer.Exit(2)
+    asyncio.run(_ensure_pool_and_limit())
+    command = [_prefect_command(), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
+    raise typer.Exit(subprocess.call(command, cwd=REPO))
+
+
+async def _ensure_pool_and_limit() -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    async with get_client() as client:
+        try:
+            await client.create_work_pool(WorkPoolCreate(name=WORK_POOL, type="process"))
+        except ObjectAlreadyExists:
+            pass
+        limits = await client.read_concurrency_limits(limit=200, offset=0)
+        if not any(limit.tag == GPU_LIMIT_TAG for limit in limits):
+            await client.create_concurrency_limit(tag=GPU_LIMIT_TAG, concurrency_limit=1)
+
+
+def runs(limit: int = typer.Option(10, help="How many recent runs.")) -> None:
+    """Recent pipeline runs with their state, duration and key metrics, from the Prefect API."""
+    rows = asyncio.run(recent_runs(limit))
+    table = Table(title="recent loraflow runs")
+    for column in ("flow run", "state", "started", "duration", "key metrics"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["state"], row["started"], f"{row['duration_s']:.0f} s", row["metrics"])
+    console.print(table)
+
+
+async def recent_runs(limit: int) -> list[dict]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        flow_runs = await client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["loraflow-pipeline"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=limit,
+        )
+        rows = []
+        for run in flow_runs:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+            summary = next((a for a in artifacts if a.key and a.key.endswith("-run-summary")), None)
+            rows.append({
+                "id": str(run.id),
+                "name": run.name,
+                "state": run.state_name or "",
+                "started": run.start_time.strftime("%Y-%m-%d %H:%M") if run.start_time else "",
+                "duration_s": run.total_run_time.total_seconds(),
+                "metrics": summary.description if summary else "",
+            })
+        return rows
