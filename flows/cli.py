@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tuning pipelines: prep -> train -> eval -> export.")
 config_app = typer.Typer(no_args_is_help=True, help="The config format.")
 app.add_typer(config_app, name="config")
+contract_app = typer.Typer(no_args_is_help=True, help="Data contracts.")
+app.add_typer(contract_app, name="contract")
 for command in (ops_cli.server, ops_cli.serve, ops_cli.deploy, ops_cli.runs):
     app.command()(command)
 console = Console()
@@ -115,6 +117,47 @@ def _print_summary(summary: dict) -> None:
 
 def _short(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@contract_app.command("check")
+def contract_check(
+    data: Path = typer.Argument(..., help="Data file (JSONL, JSON, Parquet, CSV) or `datasets` directory."),
+    contract: str = typer.Option(..., help="Contract name (a YAML file in --contracts-dir)."),
+    contracts_dir: Path = typer.Option(Path("data_contracts"), help="Where contracts live."),
+    dataset_type: str = typer.Option("chat_template", "--type", help="Row format, as `datasets[].type`."),
+    field_messages: str = typer.Option("messages", help="Column with the messages."),
+    base_model: Path | None = typer.Option(None, help="Model whose tokenizer gives num_tokens (optional)."),
+    data_docs: Path | None = typer.Option(None, help="Write GX Data Docs HTML into this new directory."),
+) -> None:
+    """Validate a data file against a contract without running the pipeline; exits 1 when an
+    `error` expectation fails."""
+    from tasks.config import DatasetConfig
+    from tasks.contracts import ContractError
+    from tasks.formats import DatasetError
+    from tasks.prep import check_contract
+
+    try:
+        dataset = DatasetConfig(path=str(data), type=dataset_type, field_messages=field_messages, contract=contract)
+        tokenizer = None
+        if base_model is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+        summary = check_contract(dataset, contracts_dir, tokenizer, data_docs)
+    except (ContractError, DatasetError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(CONFIG_ERROR_EXIT) from None
+    table = Table(title=f"contract {summary['contract']} on {data}: {summary['rows']} rows checked, {summary['rows_rejected']} unreadable")
+    for column in ("expectation", "column", "severity", "result", "unexpected", "examples"):
+        table.add_column(column)
+    for check in summary["checks"]:
+        result = "pass" if check["success"] else ("FAIL" if check["severity"] == "error" else "warn")
+        examples = check["exception"] or ", ".join(map(str, check["unexpected_examples"]))
+        table.add_row(check["expectation"], str(check["column"]), check["severity"], result, str(check["unexpected_count"]), examples)
+    console.print(table)
+    console.print("contract passed" if summary["passed"] else "contract FAILED (an `error` expectation failed)")
+    if not summary["passed"]:
+        raise typer.Exit(1)
 
 
 @app.command("tiny-model")

@@ -27,34 +27,67 @@ class TokenizedConversation:
     def trained_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
+    def truncated(self, length: int) -> TokenizedConversation:
+        return TokenizedConversation(self.input_ids[:length], self.labels[:length])
+
 
 def tokenize_conversation(
-    tokenizer: Any, messages: list[dict[str, str]], roles_to_train: tuple[str, ...] = ("assistant",)
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    roles_to_train: tuple[str, ...] | list[str] = ("assistant",),
+    train_on_eos: str = "turn",
+    train_on_inputs: bool = False,
 ) -> TokenizedConversation:
+    """Tokens of the rendered conversation; labels keep the trained turns (or everything, with
+    `train_on_inputs`). `train_on_eos`: the end-of-turn token of each trained turn ("turn"), of
+    the last trained turn only ("last"), of every turn ("all"), or of none ("none")."""
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    trained_spans = []
+    turn_spans = []  # (start, end, trained) in characters of full_text
     for index, message in enumerate(messages):
-        if message["role"] not in roles_to_train:
-            continue
-        prompt_text = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        prompt_text = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
         turn_text = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not (turn_text.startswith(prompt_text) and full_text.startswith(turn_text)):
-            raise TemplateError(
-                "the chat template does not render conversations prefix by prefix; "
-                "turn boundaries cannot be found for it"
-            )
-        trained_spans.append((len(prompt_text), len(turn_text)))
+        if message["role"] == "assistant" and index and not turn_text.startswith(prompt_text):
+            raise TemplateError("the chat template does not render conversations prefix by prefix; turn boundaries cannot be found")
+        if not full_text.startswith(turn_text):
+            raise TemplateError("the chat template renders a conversation differently from its prefixes; turn boundaries cannot be found")
+        # The generation prompt (e.g. "<|im_start|>assistant\n") belongs to the prompt, not the turn.
+        start = len(prompt_text) if message["role"] == "assistant" else (turn_spans[-1][1] if turn_spans else 0)
+        turn_spans.append((start, len(turn_text), message["role"] in roles_to_train))
 
     encoding = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
+    if train_on_inputs:
+        return TokenizedConversation(input_ids, list(input_ids))
     labels = [IGNORE_INDEX] * len(input_ids)
     end_of_turn = tokenizer.eos_token_id
-    for span_start, span_end in trained_spans:
-        positions = [i for i, (start, _) in enumerate(encoding["offset_mapping"]) if span_start <= start < span_end]
-        # The template may add text after the end-of-turn token (ChatML adds a newline); the model
-        # should learn to stop at the end-of-turn token, not to produce what follows it.
+    last_trained = max((i for i, span in enumerate(turn_spans) if span[2]), default=-1)
+    offsets = encoding["offset_mapping"]
+    for turn_index, (span_start, span_end, trained) in enumerate(turn_spans):
+        positions = [i for i, (start, _) in enumerate(offsets) if span_start <= start < span_end]
+        keep_eos = train_on_eos == "all" or (
+            trained and (train_on_eos == "turn" or (train_on_eos == "last" and turn_index == last_trained))
+        )
         for position in positions:
-            labels[position] = input_ids[position]
+            # The template may add text after the end-of-turn token (ChatML adds a newline); the
+            # model should learn to stop at the end-of-turn token, not to produce what follows it.
             if input_ids[position] == end_of_turn:
+                if keep_eos:
+                    labels[position] = input_ids[position]
                 break
+            if trained:
+                labels[position] = input_ids[position]
+    return TokenizedConversation(input_ids, labels)
+
+
+def tokenize_segments(tokenizer: Any, segments: list[dict[str, Any]], train_on_inputs: bool = False) -> TokenizedConversation:
+    """Plain text (`completion`, `input_output`): segments tokenized in order, each trained or not;
+    an end-of-sequence token closes the row and is trained, so the model learns to stop."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for segment in segments:
+        ids = tokenizer(segment["text"], add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if segment["train"] or train_on_inputs else [IGNORE_INDEX] * len(ids))
+    input_ids.append(tokenizer.eos_token_id)
+    labels.append(tokenizer.eos_token_id)
     return TokenizedConversation(input_ids, labels)

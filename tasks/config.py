@@ -41,13 +41,37 @@ UNSUPPORTED_AXOLOTL_KEYS = {
 
 
 class DatasetConfig(StrictModel):
-    """One data source. `type` says how its rows become messages."""
+    """One data source. `type` says how its rows become messages (Axolotl's names and keys)."""
 
-    path: str = Field(description="Local file (JSONL) with one conversation per row.")
-    type: Literal["chat_template", "chatml"] = Field(
+    path: str = Field(
+        description="JSONL (.gz/.zst too), JSON, Parquet or CSV file, or a directory saved by `datasets`."
+    )
+    type: Literal["chat_template", "chatml", "alpaca", "sharegpt", "completion", "input_output"] = Field(
         "chat_template", description="Row format; `chatml` is an alias of `chat_template`."
     )
+    ds_type: Literal["json", "parquet", "csv", "arrow"] | None = Field(
+        None, description="File format; inferred from the file name when unset."
+    )
+    split: str = Field("train", description="Split to read from a `datasets` directory holding several.")
+    # chat_template / sharegpt
     field_messages: str = Field("messages", description="Column holding the list of messages.")
+    message_property_mappings: dict[str, str] = Field(
+        default_factory=lambda: {"role": "role", "content": "content"},
+        description="Keys of role and content inside each message, e.g. {role: from, content: value}.",
+    )
+    roles_to_train: list[str] = Field(default_factory=lambda: ["assistant"], description="Roles whose turns are trained.")
+    train_on_eos: Literal["turn", "last", "all", "none"] = Field(
+        "turn", description="Which end-of-turn tokens are trained: after each trained turn, the last one, all, none."
+    )
+    # alpaca
+    field_instruction: str = "instruction"
+    field_input: str = "input"
+    field_output: str = "output"
+    field_system: str = Field("system", description="Optional column with a system prompt (alpaca).")
+    # completion
+    field: str = Field("text", description="Column holding raw text (completion).")
+    # input_output
+    field_segments: str = Field("segments", description="Column holding [{text, train}] segments (input_output).")
     contract: str | None = Field(
         None, description="Name of the data contract in `contract.dir` to validate this source with."
     )
@@ -61,13 +85,68 @@ class ContractSettings(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    endpoint: Literal["local", "external"] = Field(
-        "local", description="`local` starts `transformers serve`; `external` uses `base_url`."
+    """How the tuned (and base) model are asked and scored; see `tasks/eval.py`."""
+
+    class Normalisation(StrictModel):
+        """Applied to answers and references before exact match, accuracy and ROUGE-L."""
+
+        lowercase: bool = True
+        collapse_whitespace: bool = True
+        strip_punctuation: bool = Field(True, description="Strip punctuation and quotes around the text.")
+
+    class Price(StrictModel):
+        input_per_million: float = Field(0.0, ge=0, description="USD per million input (prompt) tokens.")
+        output_per_million: float = Field(0.0, ge=0, description="USD per million output (completion) tokens.")
+
+    class Judge(StrictModel):
+        """An LLM judge (any OpenAI-compatible model) comparing tuned and base answers pairwise."""
+
+        base_url: str = Field(description="OpenAI-compatible base URL of the judge.")
+        model: str = Field(description="Judge model name, e.g. `deepseek-chat`.")
+        api_key_env: str | None = Field(None, description="Environment variable holding the judge's API key.")
+        api_key_secret: str | None = Field(None, description="Prefect Secret block holding the judge's API key.")
+        rubric: str = Field(
+            "Which answer responds to the conversation better: correct, complete, concise? "
+            "Use the reference answer as the ground truth.",
+            description="What the judge is asked to weigh.",
+        )
+        max_tokens: int = Field(8, ge=1, description="Completion length limit of a verdict.")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _key_names_only(cls, data: Any) -> Any:
+            return cls.check_key_settings(data, "eval.judge")
+
+        @staticmethod
+        def check_key_settings(data: Any, section: str) -> Any:
+            """API keys are named, never written in the config. Checked on the whole section so that a
+            key pasted by mistake is never echoed in the error (the error printer shows scalar inputs)."""
+            if isinstance(data, dict):
+                if data.get("api_key_env") and data.get("api_key_secret"):
+                    raise ValueError(f"`{section}`: set one of `api_key_env` and `api_key_secret`, not both")
+                name = data.get("api_key_env")
+                if name is not None and not (str(name).isascii() and str(name).isidentifier()):
+                    raise ValueError(
+                        f"`{section}.api_key_env` must be the NAME of an environment variable holding the key "
+                        "(e.g. DEEPSEEK_API_KEY), never the key itself"
+                    )
+            return data
+
+    endpoint: Literal["local", "vllm", "external"] = Field(
+        "local",
+        description="`local` starts `transformers serve`; `vllm` starts vLLM with the LoRA adapter (GPU); "
+        "`external` uses `base_url`.",
     )
     base_url: str | None = Field(None, description="OpenAI-compatible base URL for `external`.")
     model: str | None = Field(None, description="Model name to request from an external endpoint.")
+    base_model_name: str | None = Field(
+        None, description="Name of the base model at the external endpoint, to compare against (optional)."
+    )
     api_key_env: str | None = Field(
         None, description="Environment variable holding the API key (never the key itself)."
+    )
+    api_key_secret: str | None = Field(
+        None, description="Prefect Secret block holding the API key (instead of `api_key_env`)."
     )
     max_samples: int = Field(200, ge=1, description="Evaluate at most this many val rows.")
     max_tokens: int = Field(16, ge=1, description="Completion length limit per request.")
@@ -80,14 +159,85 @@ class EvalConfig(StrictModel):
     labels: list[str] | None = Field(
         None, description="Closed label set; enables `accuracy` (the one label a reply names)."
     )
+    normalisation: Normalisation = Field(default_factory=Normalisation)
+    prices: dict[str, Price] = Field(
+        default_factory=dict,
+        description="USD per million tokens, by model name (external/judge) or role (`tuned`, `base`); unlisted cost 0.",
+    )
+    judge: Judge | None = Field(None, description="Optional LLM judge for a pairwise base-vs-tuned win rate.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_names_only(cls, data: Any) -> Any:
+        return EvalConfig.Judge.check_key_settings(data, "eval")
+
+    @model_validator(mode="after")
+    def _judge_needs_base(self) -> EvalConfig:
+        if self.judge is not None and not self.compare_base:
+            raise ValueError("`eval.judge` compares the tuned model with the base model: set `eval.compare_base: true`")
+        return self
+
+
+class PromoteCondition(StrictModel):
+    """One condition of `export.promote_if`, on an eval metric of the new version."""
+
+    metric: str = Field(
+        description="Eval metric: `accuracy` (a bare name is the tuned model's), `tuned.exact_match`, "
+        "`base.accuracy`, `eval_loss`."
+    )
+    min: float | None = Field(None, description="Promote only if the metric is at least this.")
+    max: float | None = Field(None, description="Promote only if the metric is at most this.")
+    max_regression: float | None = Field(
+        None, ge=0, description="Promote only if the metric is at most this much worse than the production version's."
+    )
+    higher_is_better: bool = Field(True, description="False for losses: a regression is then an increase.")
+
+    @model_validator(mode="after")
+    def _has_a_bound(self) -> PromoteCondition:
+        if self.min is None and self.max is None and self.max_regression is None:
+            raise ValueError(f"promote_if condition on `{self.metric}` needs `min`, `max` or `max_regression`")
+        return self
 
 
 class ExportConfig(StrictModel):
     merge_dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype of the merged weights."
+        "float32", description="Dtype of the merged weights; `fp32`, `bf16`, `fp16` are accepted too."
     )
     max_shard_size: str = Field("2GB", description="Largest safetensors shard.")
     verify_prompts: int = Field(8, ge=1, description="Val prompts used to verify the merge.")
+    verify_max_new_tokens: int = Field(
+        16, ge=1, description="Greedy tokens generated per verify prompt; merged and adapter model must agree on all."
+    )
+    adapter_only: bool = Field(
+        False, description="Export only the adapter in PEFT format (PeftModel.from_pretrained, vLLM --lora-modules)."
+    )
+    gguf: bool = Field(False, description="Also write a GGUF file with llama.cpp's converter, when it is available.")
+    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="GGUF weight type.")
+    gguf_converter: str | None = Field(
+        None, description="Path to llama.cpp's convert_hf_to_gguf.py; default: $LLAMA_CPP_DIR or the PATH."
+    )
+    registry_dir: str | None = Field(
+        None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`."
+    )
+    promote_if: list[PromoteCondition] = Field(
+        default_factory=list, description="Conditions on eval metrics for a new version to become production (none: always)."
+    )
+    hub_private: bool = Field(True, description="Create the `hub_model_id` repo as private.")
+    hub_token_env: str = Field("HF_TOKEN", description="Environment variable holding the hub token (never the token).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_aliases(cls, data: Any) -> Any:
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        if isinstance(data, dict) and data.get("merge_dtype") in aliases:
+            data = {**data, "merge_dtype": aliases[data["merge_dtype"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _gguf_needs_merged_model(self) -> ExportConfig:
+        if self.gguf and self.adapter_only:
+            raise ValueError("export.gguf converts a merged model: set adapter_only: false, or gguf: false")
+        return self
 
 
 class ScheduleConfig(StrictModel):
@@ -127,6 +277,11 @@ class RunConfig(StrictModel):
     )
     sequence_len: int = Field(2048, ge=16)
     sample_packing: bool = True
+    excess_length_strategy: Literal["quarantine", "truncate"] = Field(
+        "quarantine", description="Rows longer than sequence_len: quarantine them, or cut them to sequence_len."
+    )
+    train_on_inputs: bool = Field(False, description="Train on every token, prompts included.")
+    dataset_exact_deduplication: bool = Field(False, description="Drop exact duplicate rows (recorded in quarantine).")
     # adapter
     adapter: Literal["lora", "qlora"] = "lora"
     load_in_4bit: bool = False
@@ -148,20 +303,34 @@ class RunConfig(StrictModel):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     warmup_steps: int | None = Field(None, ge=0)
-    optimizer: Literal["adamw_torch", "adamw_torch_fused"] = "adamw_torch"
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "adamw_bnb_8bit"] = Field(
+        "adamw_torch", description="`paged_adamw_8bit` and `adamw_bnb_8bit` (bitsandbytes) need a CUDA GPU."
+    )
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     seed: int = 42
     # precision and kernels
     bf16: bool = False
     tf32: bool = False
-    flash_attention: bool = False
-    gradient_checkpointing: bool = False
+    flash_attention: bool = Field(
+        False, description="flash-attn varlen kernels (GPU, bf16); same as `attn_implementation: flash_attention_2`."
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "flex_attention", "sdpa", "eager"] = Field(
+        "auto",
+        description="`auto`: flash-attn when installed on a GPU with bf16, else flex attention on a GPU, SDPA on a CPU. "
+        "Every choice keeps packed samples apart (block-diagonal attention from position_ids).",
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (non-reentrant).")
     # checkpoints and logging
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
     eval_steps: int | None = Field(None, ge=1)
     logging_steps: int = Field(10, ge=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list,
+        description="Trainer integrations to report to, those installed; `none` or [] for none. Each reads its own "
+        "environment (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...).",
+    )
     # where things go
     output_dir: str = Field("outputs/run", description="Run summary and the exported model.")
     state_dir: str = Field(".loraflow/state", description="Content-addressed stage outputs.")
@@ -194,23 +363,42 @@ class RunConfig(StrictModel):
             self.load_in_4bit = True
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _report_to_as_list(cls, data: Any) -> Any:
+        """`report_to: wandb` and `report_to: none` are accepted as in transformers."""
+        if isinstance(data, dict) and isinstance(data.get("report_to"), str):
+            data = {**data, "report_to": [] if data["report_to"] == "none" else [data["report_to"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _one_attention_choice(self) -> RunConfig:
+        if self.flash_attention and self.attn_implementation not in ("auto", "flash_attention_2"):
+            raise ValueError(
+                f"`flash_attention: true` contradicts `attn_implementation: {self.attn_implementation}`; keep one of them"
+            )
+        return self
+
 
 # Which settings decide which stage's output. A setting listed nowhere would be ignored by every
 # fingerprint, so a test checks that each field is listed exactly once.
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "prep": ("datasets", "val_set_size", "sequence_len", "sample_packing", "contract", "seed"),
+    "prep": (
+        "datasets", "val_set_size", "sequence_len", "sample_packing", "excess_length_strategy", "train_on_inputs",
+        "dataset_exact_deduplication", "contract", "seed",
+    ),
     "train": (
         "trust_remote_code", "adapter", "load_in_4bit", "lora_r", "lora_alpha", "lora_dropout",
         "lora_target_modules", "lora_modules_to_save", "lora_config", "micro_batch_size",
         "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
         "warmup_ratio", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm", "bf16",
-        "tf32", "flash_attention", "gradient_checkpointing", "save_steps", "save_total_limit",
-        "eval_steps", "logging_steps",
+        "tf32", "flash_attention", "attn_implementation", "gradient_checkpointing", "save_steps",
+        "save_total_limit", "eval_steps", "logging_steps",
     ),
     "eval": ("eval",),
     "export": ("export", "hub_model_id"),
     # Where outputs go and when runs start never changes what a stage computes.
-    "none": ("name", "base_model", "output_dir", "state_dir", "schedule", "retries"),
+    "none": ("name", "base_model", "output_dir", "state_dir", "schedule", "retries", "report_to"),
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasks.config import ConfigError, RunConfig
 from tasks.contracts import ContractError, load_contract
+from tasks.formats import DatasetError, check_source
 
 
 def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
@@ -22,8 +23,13 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
     model_config = _read_model_config(cfg, problems)
 
     for index, dataset in enumerate(cfg.datasets):
-        if not Path(dataset.path).is_file():
-            problems.append(f"`datasets[{index}].path`: file {dataset.path} not found")
+        if not Path(dataset.path).exists():
+            problems.append(f"`datasets[{index}].path`: {dataset.path} not found")
+            continue
+        try:
+            check_source(dataset)
+        except DatasetError as error:
+            problems.append(f"`datasets[{index}]`: {error}")
         if dataset.contract:
             try:
                 load_contract(Path(cfg.contract.dir), dataset.contract)

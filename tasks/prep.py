@@ -1,34 +1,41 @@
-"""prep: sources -> contract validation -> messages -> tokens with masked labels -> split -> packed
-Arrow shards + manifest.
+"""prep: sources -> messages -> tokens with masked labels -> contract validation -> split ->
+packed Arrow shards + manifest.
 
-Reads only the tokenizer of the base model, never its weights, so prep is cheap to re-run and
-its fingerprint changes only when the data, the tokenizer, the contracts or the prep settings do.
+Two streaming passes keep memory flat however large the sources are: the first reads, converts
+and tokenizes row by row into a memory-mapped sample file (quarantining bad rows as it goes); the
+second packs by lengths alone and copies samples into shards. Reads only the tokenizer of the base
+model, never its weights, so the fingerprint changes only when the data, the tokenizer, the
+contracts or the prep settings do.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import task
 
 from tasks import store
-from tasks.chat_tokens import TokenizedConversation, tokenize_conversation
-from tasks.config import RunConfig, stage_settings
-from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frame
-from tasks.fingerprint import FileHasher, code_version, hash_bytes, hash_json
-from tasks.formats import Conversation, DatasetError, Rejected, read_conversations
-from tasks.packing import pack_samples
-from tasks.shards import add_hashes, write_shards
+from tasks.chat_tokens import TokenizedConversation, tokenize_conversation, tokenize_segments
+from tasks.config import DatasetConfig, RunConfig, stage_settings
+from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frames
+from tasks.fingerprint import FileHasher, code_version, hash_json
+from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
+from tasks.packing import pack_lengths
+from tasks.shards import SampleFile, add_hashes, write_shards
 
 log = logging.getLogger("loraflow.prep")
 
 ROWS_PER_SHARD = 50_000
+CONTRACT_CHUNK_ROWS = 100_000
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab*", "merges.txt", "*.model")
+PREP_REPORT_KEYS = (
+    "rows_in", "rows_accepted", "rows_quarantined", "train_samples", "val_samples", "tokens", "trained_tokens", "packing_efficiency",
+)
 LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -37,11 +44,15 @@ def tokenizer_hash(base_model: Path, hasher: FileHasher) -> str:
     return hash_json({path.name: hasher.file(path) for path in files})
 
 
+def source_hash(path: Path, hasher: FileHasher) -> str:
+    return hasher.tree(path) if path.is_dir() else hasher.file(path)
+
+
 def fingerprint(cfg: RunConfig, hasher: FileHasher) -> str:
     contract_dir = Path(cfg.contract.dir)
     return hash_json({
         "settings": stage_settings(cfg, "prep"),
-        "sources": [hasher.file(Path(dataset.path)) for dataset in cfg.datasets],
+        "sources": [source_hash(Path(dataset.path), hasher) for dataset in cfg.datasets],
         "contracts": [
             hasher.file(contract_path(contract_dir, dataset.contract)) if dataset.contract else None
             for dataset in cfg.datasets
@@ -61,158 +72,238 @@ def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
     work_dir = store.fresh_partial_dir(final_dir)
 
-    samples: list[dict[str, Any]] = []
-    quarantine: list[dict[str, Any]] = []
+    # Pass 1: every row becomes a tokenized sample or a quarantine record.
+    samples = SampleFile(work_dir / "samples.tmp.arrow")
     sources = []
-    for dataset in cfg.datasets:
-        accepted, rejected, contract_summary = _read_one_source(cfg, dataset, tokenizer)
-        samples.extend(accepted)
-        quarantine.extend(record.as_record() for record in rejected)
-        sources.append({
-            "type": dataset.type,
-            "rows_in": len(accepted) + len(rejected),
-            "rows_accepted": len(accepted),
-            "rows_quarantined": len(rejected),
-            "contract": contract_summary,
-        })
+    with (work_dir / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
+        seen_hashes: dict[str, tuple[str, int]] = {}
+        for index, dataset in enumerate(cfg.datasets):
+            sources.append(_read_source(cfg, index, dataset, tokenizer, samples, quarantine, seen_hashes, work_dir))
+    samples.close()
 
     rows_in = sum(source["rows_in"] for source in sources)
-    if rows_in != len(samples) + len(quarantine):
-        raise AssertionError(f"row accounting broke: {rows_in} in, {len(samples)} accepted, {len(quarantine)} quarantined")
-    rejected_fraction = len(quarantine) / rows_in
-    _write_jsonl(work_dir / "quarantine.jsonl", quarantine)
-    if rejected_fraction > cfg.contract.max_rejected_fraction:
-        reasons = sorted({record["reason"] for record in quarantine})[:5]
-        raise DatasetError(
-            f"{len(quarantine)} of {rows_in} rows ({rejected_fraction:.1%}) were quarantined, above "
-            f"contract.max_rejected_fraction={cfg.contract.max_rejected_fraction}; see "
-            f"{final_dir}.partial/quarantine.jsonl. Reasons include: {'; '.join(reasons)}"
-        )
-    if not samples:
-        raise DatasetError("no rows left after quarantine; nothing to train on")
+    rows_accepted = sum(source["rows_accepted"] for source in sources)
+    rows_quarantined = sum(source["rows_quarantined"] for source in sources)
+    if rows_in != rows_accepted + rows_quarantined:
+        raise AssertionError(f"row accounting broke: {rows_in} in, {rows_accepted} accepted, {rows_quarantined} quarantined")
+    _check_quarantine(cfg, final_dir, rows_in, rows_quarantined, work_dir / "quarantine.jsonl")
+    for index, source in enumerate(sources):
+        if source["contract"] and not source["contract"]["passed"]:
+            raise ContractError(describe_failures(source["contract"], cfg.datasets[index].path))
 
-    train_samples, val_samples = split_train_val(samples, cfg.val_set_size)
-    train_rows, train_efficiency = _pack(cfg, train_samples)
-    val_rows, _ = _pack(cfg, val_samples)
-    train_shards = add_hashes(write_shards(train_rows, work_dir, "train", ROWS_PER_SHARD), work_dir)
-    val_shards = add_hashes(write_shards(val_rows, work_dir, "val", ROWS_PER_SHARD), work_dir)
-    _write_jsonl(work_dir / "val_messages.jsonl", [{"messages": sample["messages"]} for sample in val_samples])
+    # Pass 2: split by content, pack by length, copy samples into shards.
+    reader = samples.open_reader()
+    is_val = split_train_val(reader.content_hashes, cfg.val_set_size)
+    train_indices = [i for i, val in enumerate(is_val) if not val]
+    val_indices = [i for i, val in enumerate(is_val) if val]
+    train_bins = _bins(cfg, reader.lengths, train_indices)
+    val_bins = _bins(cfg, reader.lengths, val_indices)
+    train_shards = add_hashes(write_shards(_packed_rows(reader, train_bins), work_dir, "train", ROWS_PER_SHARD), work_dir)
+    val_shards = add_hashes(write_shards(_packed_rows(reader, val_bins), work_dir, "val", ROWS_PER_SHARD), work_dir)
+    with (work_dir / "val_messages.jsonl").open("w", encoding="utf-8") as handle:
+        for index in val_indices:
+            handle.write(json.dumps({"messages": reader.messages(index)}, ensure_ascii=False) + "\n")
+    lengths = reader.lengths
+    train_tokens = sum(lengths[i] for i in train_indices)
+    efficiency = train_tokens / (len(train_bins) * cfg.sequence_len) if train_bins else 0.0
+    trained_tokens = reader.trained_tokens_total
+    reader.close()
+    (work_dir / "samples.tmp.arrow").unlink()
 
-    lengths = [len(sample["input_ids"]) for sample in samples]
     manifest = {
         "stage": "prep",
         "fingerprint": fingerprint,
         "sources": sources,
         "rows_in": rows_in,
-        "rows_accepted": len(samples),
-        "rows_quarantined": len(quarantine),
-        "train_samples": len(train_samples),
-        "val_samples": len(val_samples),
-        "train_rows": len(train_rows),
-        "val_rows": len(val_rows),
+        "rows_accepted": rows_accepted,
+        "rows_quarantined": rows_quarantined,
+        "train_samples": len(train_indices),
+        "val_samples": len(val_indices),
+        "train_rows": len(train_bins),
+        "val_rows": len(val_bins),
         "tokens": sum(lengths),
-        "trained_tokens": sum(sample["trained_tokens"] for sample in samples),
+        "trained_tokens": trained_tokens,
         "length_histogram": _histogram(lengths),
-        "length_median": statistics.median(lengths),
-        "packing_efficiency": round(train_efficiency, 5),
+        "packing_efficiency": round(efficiency, 5),
         "train_shards": train_shards,
         "val_shards": val_shards,
         "duration_s": round(time.monotonic() - started, 2),
     }
     log.info(
         "prep: %d rows in, %d accepted, %d quarantined; %d train / %d val samples; packing efficiency %.4f",
-        rows_in, len(samples), len(quarantine), len(train_samples), len(val_samples), train_efficiency,
+        rows_in, rows_accepted, rows_quarantined, len(train_indices), len(val_indices), efficiency,
     )
     return store.publish(work_dir, final_dir, manifest)
 
 
-def _read_one_source(cfg: RunConfig, dataset: Any, tokenizer: Any) -> tuple[list[dict], list[Rejected], dict | None]:
-    accepted: list[dict[str, Any]] = []
-    rejected: list[Rejected] = []
-    for item in read_conversations(dataset):
-        if isinstance(item, Rejected):
-            rejected.append(item)
-            continue
-        tokens = tokenize_conversation(tokenizer, item.messages)
-        if len(tokens.input_ids) > cfg.sequence_len:
-            rejected.append(Rejected(
-                item.source, item.line,
-                f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
-                "raise sequence_len or shorten the row",
-                json.dumps({"messages": item.messages}),
-            ))
-            continue
-        if tokens.trained_tokens == 0:
-            rejected.append(Rejected(item.source, item.line, "no trained tokens after masking", json.dumps({"messages": item.messages})))
-            continue
-        accepted.append(_sample(item, tokens))
+def _read_source(
+    cfg: RunConfig, index: int, dataset: DatasetConfig, tokenizer: Any, samples: SampleFile, quarantine: Any,
+    seen_hashes: dict[str, tuple[str, int]], work_dir: Path,
+) -> dict[str, Any]:
+    check_source(dataset)
+    counts = {"rows_in": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_truncated": 0, "rows_duplicate": 0}
+
+    def reject(record: Rejected) -> None:
+        counts["rows_quarantined"] += 1
+        quarantine.write(json.dumps(record.as_record(), ensure_ascii=False) + "\n")
+
+    def accepted_rows() -> Iterator[dict[str, Any]]:
+        for item in read_conversations(dataset):
+            counts["rows_in"] += 1
+            if isinstance(item, Rejected):
+                reject(item)
+                continue
+            content_hash = hash_json({"kind": item.kind, "messages": item.messages})
+            if cfg.dataset_exact_deduplication and content_hash in seen_hashes:
+                first_source, first_line = seen_hashes[content_hash]
+                counts["rows_duplicate"] += 1
+                reject(_rejected(item, f"exact duplicate of row {first_line} of {first_source}"))
+                continue
+            seen_hashes.setdefault(content_hash, (item.source, item.line))
+            tokens = _tokenize(cfg, dataset, tokenizer, item)
+            if len(tokens.input_ids) > cfg.sequence_len:
+                if cfg.excess_length_strategy == "quarantine":
+                    reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
+                                           "raise sequence_len, shorten the row, or set excess_length_strategy: truncate"))
+                    continue
+                tokens = tokens.truncated(cfg.sequence_len)
+                counts["rows_truncated"] += 1
+            if tokens.trained_tokens == 0:
+                reject(_rejected(item, "no trained tokens after masking (or truncation)"))
+                continue
+            counts["rows_accepted"] += 1
+            samples.append(tokens, item.messages, content_hash)
+            yield _contract_columns(item, tokens)
 
     contract_summary = None
     if dataset.contract:
         contract = load_contract(Path(cfg.contract.dir), dataset.contract)
-        contract_summary = validate_frame(contract, _contract_frame(accepted))
-        if not contract_summary["passed"]:
-            raise ContractError(describe_failures(contract_summary, dataset.path))
-    return accepted, rejected, contract_summary
+        docs_dir = work_dir / "data_docs" / f"source-{index}"
+        contract_summary = validate_frames(contract, _frames(accepted_rows()), docs_dir)
+        contract_summary["data_docs"] = str(docs_dir.relative_to(work_dir) / "index.html")
+    else:
+        for _ in accepted_rows():
+            pass
+    return {"type": dataset.type, **counts, "contract": contract_summary}
 
 
-def _sample(conversation: Conversation, tokens: TokenizedConversation) -> dict[str, Any]:
+def _rejected(item: Conversation, reason: str) -> Rejected:
+    return Rejected(item.source, item.line, reason, json.dumps({"messages": item.messages}, ensure_ascii=False))
+
+
+def _tokenize(cfg: RunConfig, dataset: DatasetConfig, tokenizer: Any, item: Conversation) -> TokenizedConversation:
+    if item.kind == "text":
+        return tokenize_segments(tokenizer, item.messages, cfg.train_on_inputs)
+    return tokenize_conversation(tokenizer, item.messages, dataset.roles_to_train, dataset.train_on_eos, cfg.train_on_inputs)
+
+
+def check_contract(dataset: DatasetConfig, contract_dir: Path, tokenizer: Any | None, docs_dir: Path | None = None) -> dict[str, Any]:
+    """Validates one source against its contract without running the pipeline (the
+    `loraflow contract check` command). Without a tokenizer, token columns are absent."""
+    check_source(dataset)
+    contract = load_contract(contract_dir, dataset.contract or "")
+    counts = {"rows_in": 0, "rows_rejected": 0}
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for item in read_conversations(dataset):
+            counts["rows_in"] += 1
+            if isinstance(item, Rejected):
+                counts["rows_rejected"] += 1
+                continue
+            tokens = _tokenize(RunConfig.model_construct(train_on_inputs=False), dataset, tokenizer, item) if tokenizer else None
+            yield _contract_columns(item, tokens)
+
+    summary = validate_frames(contract, _frames(rows()), docs_dir)
+    return {**summary, **counts}
+
+
+def _contract_columns(item: Conversation, tokens: TokenizedConversation | None) -> dict[str, Any]:
+    """The columns a contract can constrain: the row's scalar fields, plus columns derived per row
+    so that rules like "ends with an assistant turn" or "num_tokens <= 256" are one line of YAML."""
+    if item.kind == "chat":
+        roles = [m["role"] for m in item.messages]
+        answer = next((m["content"] for m in reversed(item.messages) if m["role"] == "assistant"), "")
+        characters = sum(len(m["content"]) for m in item.messages)
+    else:
+        roles = ["text"] * len(item.messages)
+        answer = next((s["text"] for s in reversed(item.messages) if s["train"]), "")
+        characters = sum(len(s["text"]) for s in item.messages)
     return {
-        "messages": conversation.messages,
-        "input_ids": tokens.input_ids,
-        "labels": tokens.labels,
-        "trained_tokens": tokens.trained_tokens,
-        "content_hash": hash_bytes(json.dumps(conversation.messages, sort_keys=True).encode()),
+        **item.raw_columns,
+        "num_messages": len(item.messages),
+        "role_sequence": ",".join(roles),
+        "last_role": roles[-1],
+        "num_chars": characters,
+        "assistant_text": answer,
+        **({"num_tokens": len(tokens.input_ids), "trained_tokens": tokens.trained_tokens} if tokens else {}),
     }
 
 
-def _contract_frame(samples: list[dict[str, Any]]) -> Any:
-    """The columns a contract can constrain: derived per row, so rules like "ends with an
-    assistant turn" or "num_tokens <= 256" are one line of YAML."""
+def _frames(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
     import pandas as pd
 
-    return pd.DataFrame({
-        "num_messages": [len(sample["messages"]) for sample in samples],
-        "role_sequence": [",".join(m["role"] for m in sample["messages"]) for sample in samples],
-        "last_role": [sample["messages"][-1]["role"] for sample in samples],
-        "num_chars": [sum(len(m["content"]) for m in sample["messages"]) for sample in samples],
-        "num_tokens": [len(sample["input_ids"]) for sample in samples],
-        "assistant_text": [
-            next(m["content"] for m in reversed(sample["messages"]) if m["role"] == "assistant")
-            for sample in samples
-        ],
-    })
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == CONTRACT_CHUNK_ROWS:
+            yield pd.DataFrame(chunk)
+            chunk = []
+    if chunk:
+        yield pd.DataFrame(chunk)
 
 
-def split_train_val(samples: list[dict[str, Any]], val_set_size: float) -> tuple[list[dict], list[dict]]:
-    """Splits by a hash of each row's content: appending rows never moves existing rows between
-    splits (for a fraction), and the split does not depend on file order."""
+def _check_quarantine(cfg: RunConfig, final_dir: Path, rows_in: int, rows_quarantined: int, quarantine_file: Path) -> None:
+    if rows_in and rows_quarantined / rows_in > cfg.contract.max_rejected_fraction:
+        reasons: list[str] = []
+        with quarantine_file.open(encoding="utf-8") as handle:
+            for line in handle:
+                reason = json.loads(line)["reason"]
+                if reason not in reasons:
+                    reasons.append(reason)
+                if len(reasons) == 5:
+                    break
+        raise DatasetError(
+            f"{rows_quarantined} of {rows_in} rows ({rows_quarantined / rows_in:.1%}) were quarantined, above "
+            f"contract.max_rejected_fraction={cfg.contract.max_rejected_fraction}; see {store.partial_dir(final_dir)}/quarantine.jsonl. "
+            f"Reasons include: {'; '.join(reasons)}"
+        )
+    if rows_in == rows_quarantined:
+        raise DatasetError("no rows left after quarantine; nothing to train on")
+
+
+def split_train_val(content_hashes: list[str], val_set_size: float) -> list[bool]:
+    """Whether each row is a val row, by a hash of its content: appending rows never moves
+    existing rows between splits (for a fraction), and file order does not matter."""
     if val_set_size == 0:
-        return samples, []
+        return [False] * len(content_hashes)
     if val_set_size < 1:
         threshold = int(val_set_size * 2**32)
-        is_val = [int(sample["content_hash"][:8], 16) < threshold for sample in samples]
-    else:
-        ranked = sorted(range(len(samples)), key=lambda i: samples[i]["content_hash"])
-        chosen = set(ranked[: int(val_set_size)])
-        is_val = [i in chosen for i in range(len(samples))]
-    train = [sample for sample, val in zip(samples, is_val) if not val]
-    val = [sample for sample, val in zip(samples, is_val) if val]
-    return train, val
+        return [int(content_hash[:8], 16) < threshold for content_hash in content_hashes]
+    ranked = sorted(range(len(content_hashes)), key=content_hashes.__getitem__)
+    chosen = set(ranked[: int(val_set_size)])
+    return [i in chosen for i in range(len(content_hashes))]
 
 
-def _pack(cfg: RunConfig, samples: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], float]:
-    """Rows of at most `sequence_len` tokens and their packing efficiency (real tokens / slots)."""
-    if not samples:
-        return [], 0.0
-    if cfg.sample_packing:
-        rows = pack_samples(samples, cfg.sequence_len, seed=cfg.seed)
-    else:
-        rows = [
-            {"input_ids": s["input_ids"], "labels": s["labels"], "position_ids": list(range(len(s["input_ids"])))}
-            for s in samples
-        ]
-    return rows, sum(len(row["input_ids"]) for row in rows) / (len(rows) * cfg.sequence_len)
+def _bins(cfg: RunConfig, lengths: list[int], indices: list[int]) -> list[list[int]]:
+    """Rows as lists of sample indices: packed bins, or one sample per row without packing."""
+    if not indices:
+        return []
+    if not cfg.sample_packing:
+        return [[index] for index in indices]
+    return [[indices[i] for i in bin_] for bin_ in pack_lengths([lengths[i] for i in indices], cfg.sequence_len, seed=cfg.seed)]
+
+
+def _packed_rows(reader: Any, bins: list[list[int]]) -> Iterator[dict[str, list[int]]]:
+    """Concatenated samples; position_ids restart at 0 per sample and each sample's first label is
+    -100 (the model shifts labels by one, so it would be predicted from the previous sample)."""
+    for bin_ in bins:
+        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+        for index in bin_:
+            input_ids, labels = reader.sample(index)
+            row["input_ids"].extend(input_ids)
+            row["labels"].extend([-100, *labels[1:]])
+            row["position_ids"].extend(range(len(input_ids)))
+        yield row
 
 
 def _histogram(lengths: list[int]) -> dict[str, int]:
@@ -224,12 +315,23 @@ def _histogram(lengths: list[int]) -> dict[str, int]:
     return {key: count for key, count in histogram.items() if count}
 
 
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 @task(name="prep", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
 def prep_task(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
-    return run_prep(cfg, fingerprint)
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.progress import artifact_key
+
+    manifest = run_prep(cfg, fingerprint)
+    create_table_artifact(
+        table=[{key: manifest[key] for key in PREP_REPORT_KEYS}],
+        key=artifact_key(cfg.name, "prep-report"),
+        description="Rows in / accepted / quarantined, tokens and packing",
+    )
+    checks = [
+        {"source": index, **check}
+        for index, source in enumerate(manifest["sources"])
+        for check in (source["contract"] or {}).get("checks", [])
+    ]
+    if checks:
+        create_table_artifact(table=checks, key=artifact_key(cfg.name, "data-contract"), description="Data contract results")
+    return manifest

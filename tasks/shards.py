@@ -6,6 +6,7 @@ same bytes, and each shard appears under its final name only when complete.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,73 @@ def _write_one(rows: list[dict[str, Any]], path: Path) -> None:
                 schema=SHARD_SCHEMA,
             ))
     os.replace(temporary, path)
+
+
+SAMPLE_SCHEMA = pa.schema([
+    ("input_ids", pa.list_(pa.int32())),
+    ("labels", pa.list_(pa.int32())),
+    ("messages", pa.string()),
+])
+
+
+class SampleFile:
+    """Tokenized samples of pass 1 of prep, appended one by one and read back by index.
+
+    An Arrow IPC *file* (random access), memory-mapped for reading, so that packing can visit
+    samples in any order without holding them in memory; only lengths and hashes stay in RAM.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._sink = pa.OSFile(str(path), "wb")
+        self._writer = pa.ipc.new_file(self._sink, SAMPLE_SCHEMA)
+        self._pending: list[tuple[list[int], list[int], str]] = []
+        self.lengths: list[int] = []
+        self.content_hashes: list[str] = []
+        self.trained_tokens_total = 0
+
+    def append(self, tokens: Any, messages: list[dict[str, Any]], content_hash: str) -> None:
+        self._pending.append((tokens.input_ids, tokens.labels, json.dumps(messages, ensure_ascii=False)))
+        self.lengths.append(len(tokens.input_ids))
+        self.content_hashes.append(content_hash)
+        self.trained_tokens_total += tokens.trained_tokens
+        if len(self._pending) == _BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            columns = list(zip(*self._pending))
+            self._writer.write_batch(pa.record_batch(
+                [pa.array(column, type=field.type) for column, field in zip(columns, SAMPLE_SCHEMA)], schema=SAMPLE_SCHEMA
+            ))
+            self._pending.clear()
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+
+    def open_reader(self) -> SampleReader:
+        return SampleReader(self)
+
+
+class SampleReader:
+    def __init__(self, written: SampleFile) -> None:
+        self._source = pa.memory_map(str(written.path))
+        self._table = pa.ipc.open_file(self._source).read_all()
+        self.lengths = written.lengths
+        self.content_hashes = written.content_hashes
+        self.trained_tokens_total = written.trained_tokens_total
+
+    def sample(self, index: int) -> tuple[list[int], list[int]]:
+        return self._table["input_ids"][index].as_py(), self._table["labels"][index].as_py()
+
+    def messages(self, index: int) -> list[dict[str, Any]]:
+        return json.loads(self._table["messages"][index].as_py())
+
+    def close(self) -> None:
+        self._table = None
+        self._source.close()
 
 
 def add_hashes(shards: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:

@@ -132,7 +132,7 @@ def test_every_bad_row_is_rejected_with_its_line_and_reason(tmp_path: Path) -> N
     assert "no field `messages`" in rejected[4].reason and "conversation" in rejected[4].reason
     assert "`messages[0].role` is 'robot'" in rejected[5].reason
     assert "`messages[1].content` is empty" in rejected[6].reason
-    assert "no assistant turn" in rejected[7].reason
+    assert "no turn of a trained role (assistant)" in rejected[7].reason
     assert "caf" in rejected[3].as_record()["raw"]
 
 
@@ -160,42 +160,34 @@ def test_missing_and_empty_files_are_dataset_errors_naming_the_path(tmp_path: Pa
 
 # --- split_train_val -------------------------------------------------------------------------------
 
-def hashed_samples(count: int) -> list[dict[str, Any]]:
-    return [{"row": index, "content_hash": hash_bytes(f"row {index}".encode())} for index in range(count)]
+def row_hashes(count: int) -> list[str]:
+    return [hash_bytes(f"row {index}".encode()) for index in range(count)]
 
 
-def rows_of(samples: list[dict[str, Any]]) -> list[int]:
-    return [sample["row"] for sample in samples]
+def val_rows(hashes: list[str], val_set_size: float) -> set[str]:
+    return {content_hash for content_hash, is_val in zip(hashes, split_train_val(hashes, val_set_size)) if is_val}
 
 
 def test_split_is_deterministic_and_independent_of_row_order() -> None:
-    samples = hashed_samples(500)
+    hashes = row_hashes(500)
 
-    train, val = split_train_val(samples, 0.1)
-    again_train, again_val = split_train_val(list(reversed(samples)), 0.1)
+    val = val_rows(hashes, 0.1)
 
-    assert sorted(rows_of(train) + rows_of(val)) == list(range(500))
-    assert sorted(rows_of(again_val)) == rows_of(val)
-    assert sorted(rows_of(again_train)) == rows_of(train)
+    assert val_rows(list(reversed(hashes)), 0.1) == val
     assert 25 <= len(val) <= 75  # about 10%
 
 
 def test_fraction_split_keeps_existing_rows_in_place_when_rows_are_appended() -> None:
-    _, val_before = split_train_val(hashed_samples(300), 0.2)
-    train_after, val_after = split_train_val(hashed_samples(600), 0.2)
+    val_before = val_rows(row_hashes(300), 0.2)
+    val_after = val_rows(row_hashes(600), 0.2)
 
-    assert set(rows_of(val_after)) & set(range(300)) == set(rows_of(val_before))
-    assert set(rows_of(train_after)).isdisjoint(rows_of(val_before))
-    assert any(row >= 300 for row in rows_of(val_after))
+    assert val_after & set(row_hashes(300)) == val_before
+    assert val_after - set(row_hashes(300))
 
 
 def test_integer_size_gives_exactly_that_many_val_rows() -> None:
-    train, val = split_train_val(hashed_samples(200), 7)
-
-    assert len(val) == 7
-    assert len(train) == 193
-    assert sorted(rows_of(train) + rows_of(val)) == list(range(200))
-    assert split_train_val(hashed_samples(200), 0) == (hashed_samples(200), [])
+    assert sum(split_train_val(row_hashes(200), 7)) == 7
+    assert split_train_val(row_hashes(200), 0) == [False] * 200
 
 
 # --- contracts -------------------------------------------------------------------------------------
@@ -294,7 +286,7 @@ def test_prep_manifest_reconciles_and_quarantine_keeps_bad_rows(prepared: tuple[
     quarantine = [json.loads(line) for line in (final_dir / "quarantine.jsonl").read_text().splitlines()]
     assert [record["line"] for record in quarantine] == sorted(BAD_LINES)
     assert "not valid JSON" in quarantine[0]["reason"]
-    assert "no assistant turn" in quarantine[1]["reason"]
+    assert "no turn of a trained role" in quarantine[1]["reason"]
     assert [record["raw"] for record in quarantine] == [BAD_LINES[line] for line in sorted(BAD_LINES)]
     val_messages = (final_dir / "val_messages.jsonl").read_text().splitlines()
     assert len(val_messages) == manifest["val_samples"]

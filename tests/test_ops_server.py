@@ -1,0 +1,228 @@
+"""Operations against a real Prefect server started here on 127.0.0.1: run history through the
+API, a failed run retried with only the failed stage re-run, --only/--from, the nightly
+deployment, and the flow run's page in the Prefect UI driven by headless Chromium.
+
+Eval uses an external OpenAI-compatible endpoint (a small stub server) so the endpoint can be
+taken down between runs, as a flaky production endpoint would be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from openai_stub import StubServer
+from tasks.serving import free_port
+from tasks.tiny_model import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
+BIN = Path(sys.executable).parent
+SCREENSHOTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory):
+    """A real Prefect server on a free port; yields the environment that points clients at it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    server_env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server_env.pop("PREFECT_API_URL", None)
+    log = (home / "server.log").open("wb")
+    server = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    api_url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{api_url}/health", timeout=2):
+                break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}") from None
+            time.sleep(0.5)
+    yield {**server_env, "PREFECT_API_URL": api_url, "LORAFLOW_HOME": str(REPO)}
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0, corpus_files=[QUICKSTART_DATA])
+
+
+def write_config(directory: Path, base_model: Path, stub_url: str) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    data = directory / "data.jsonl"
+    data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:300]))
+    raw.update(
+        base_model=str(base_model), state_dir=str(directory / "state"), output_dir=str(directory / "outputs"),
+        max_steps=6, save_steps=3, contract={"dir": str(REPO / "data_contracts")}, retries={"eval": 0},
+    )
+    raw["datasets"][0]["path"] = str(data)
+    raw["eval"] = {"endpoint": "external", "base_url": stub_url, "model": "tuned", "max_samples": 10, "max_retries": 0,
+                   "request_timeout": 5, "labels": ["positive", "negative", "neutral"]}
+    path = directory / "ops.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def loraflow(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "loraflow"), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def summary_states(config: Path) -> dict[str, str]:
+    summary = json.loads((config.parent / "outputs" / "run_summary.json").read_text())
+    return {stage: outcome["state"] for stage, outcome in summary["stages"].items()}
+
+
+def api(env: dict, coroutine_factory):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(coroutine_factory())
+
+
+async def latest_flow_run():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    async with get_client() as client:
+        return (await client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1))[0]
+
+
+def latest_task_states(env: dict, flow_run_id) -> dict[str, str]:
+    """Stage name -> state name of its newest task run in the flow run."""
+    async def read():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        async with get_client() as client:
+            task_runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        newest: dict[str, object] = {}
+        for run in sorted(task_runs, key=lambda run: run.created):
+            newest[run.name.split("-")[0]] = run
+        return {stage: run.state_name for stage, run in newest.items()}
+
+    return api(env, read)
+
+
+def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
+    with StubServer() as stub:
+        config = write_config(tmp_path, base_model, stub.base_url)
+        result = loraflow(prefect_env, "run", str(config))
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    flow_run = api(prefect_env, latest_flow_run)
+    assert flow_run.state_name == "Completed"
+    assert flow_run.name.startswith("ops-")
+    assert "config:ops" in flow_run.tags
+    assert latest_task_states(prefect_env, flow_run.id) == {
+        "prep": "Completed", "train": "Completed", "eval": "Completed", "export": "Completed"
+    }
+
+    async def artifact_keys():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+        return {artifact.key for artifact in artifacts if artifact.key}
+
+    keys = api(prefect_env, artifact_keys)
+    assert {"ops-prep-report", "ops-data-contract", "ops-train-progress", "ops-loss-curve", "ops-eval-metrics",
+            "ops-eval-comparison", "ops-run-summary"} <= keys
+
+    history = loraflow(prefect_env, "runs", "--limit", "5")
+    assert history.returncode == 0 and flow_run.name[:20] in history.stdout.replace("\n", "")
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Chromium is not installed (CI installs Debian's `chromium`); UI check skipped")
+    ui_url = prefect_env["PREFECT_API_URL"].removesuffix("/api") + f"/runs/flow-run/{flow_run.id}"
+    SCREENSHOTS.mkdir(exist_ok=True)
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=20000", "--window-size=1600,1200"]
+    dom = subprocess.run([*flags, "--dump-dom", ui_url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*flags, f"--screenshot={SCREENSHOTS / 'flow-run.png'}", ui_url], capture_output=True, timeout=120)
+    assert flow_run.name in dom
+    for stage in ("prep", "train", "eval", "export"):
+        assert f"{stage}-" in dom, f"task run of {stage} not listed on the flow run page"
+    assert (SCREENSHOTS / "flow-run.png").stat().st_size > 10_000
+
+
+def test_failed_eval_retried_reruns_only_eval(prefect_env, base_model, tmp_path):
+    port = free_port()
+    with StubServer(port) as stub:
+        config = write_config(tmp_path, base_model, stub.base_url)
+        assert loraflow(prefect_env, "run", str(config)).returncode == 0
+
+    # The endpoint goes down and eval's output is gone: the next run fails in eval.
+    state_dir = tmp_path / "state"
+    shutil.rmtree(state_dir / "eval")
+    shutil.rmtree(state_dir / "response_cache")
+    failed = loraflow(prefect_env, "run", str(config))
+    assert failed.returncode == 1
+    flow_run = api(prefect_env, latest_flow_run)
+    assert flow_run.state_name == "Failed"
+
+    with StubServer(port):
+        retry = subprocess.run(
+            [str(BIN / "prefect"), "flow-run", "retry", str(flow_run.id), "--entrypoint", "flows/pipeline.py:pipeline"],
+            env=prefect_env, cwd=REPO, capture_output=True, text=True, timeout=600,
+        )
+    assert retry.returncode == 0, retry.stdout + retry.stderr
+    assert api(prefect_env, latest_flow_run).state_name == "Completed"
+    assert latest_task_states(prefect_env, flow_run.id) == {
+        "prep": "Cached", "train": "Cached", "eval": "Completed", "export": "Cached"
+    }
+
+    # --only reuses upstream outputs and runs nothing after the stage; --from runs the rest.
+    with StubServer(port):
+        assert loraflow(prefect_env, "run", str(config), "--only", "eval").returncode == 0
+        assert summary_states(config) == {"prep": "reused", "train": "reused", "eval": "cached", "export": "skipped"}
+        assert loraflow(prefect_env, "run", str(config), "--from", "eval", "--refresh", "eval").returncode == 0
+        assert summary_states(config) == {"prep": "reused", "train": "reused", "eval": "ran", "export": "cached"}
+
+    # No upstream output: a clear error naming the missing stage.
+    shutil.rmtree(state_dir / "train")
+    missing = loraflow(prefect_env, "run", str(config), "--only", "eval")
+    assert missing.returncode == 1
+    assert "no complete `train` output" in missing.stdout + missing.stderr
+
+
+def test_nightly_deployment_is_created_with_its_schedule(prefect_env):
+    result = loraflow(prefect_env, "deploy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    async def read():
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            deployment = await client.read_deployment_by_name("loraflow-pipeline/nightly-quickstart")
+            limits = await client.read_concurrency_limits(limit=50, offset=0)
+        return deployment, limits
+
+    deployment, limits = api(prefect_env, read)
+    assert [schedule.schedule.cron for schedule in deployment.schedules] == ["0 2 * * *"]
+    assert deployment.schedules[0].schedule.timezone == "UTC"
+    assert deployment.parameters == {"config_path": "configs/quickstart.yaml"}
+    assert deployment.global_concurrency_limit is not None and deployment.global_concurrency_limit.limit == 1
+    assert deployment.work_pool_name == "loraflow-process"
+    assert any(limit.tag == "gpu" and limit.concurrency_limit == 1 for limit in limits)
