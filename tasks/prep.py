@@ -25,7 +25,7 @@ from tasks.config import DatasetConfig, RunConfig, stage_settings
 from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frames
 from tasks.fingerprint import FileHasher, code_version, hash_json
 from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
-from tasks.packing import pack_lengths
+from tasks.packing import pack_lengths, packed_row
 from tasks.shards import SampleFile, add_hashes, write_shards
 
 log = logging.getLogger("loraflow.prep")
@@ -294,16 +294,8 @@ def _bins(cfg: RunConfig, lengths: list[int], indices: list[int]) -> list[list[i
 
 
 def _packed_rows(reader: Any, bins: list[list[int]]) -> Iterator[dict[str, list[int]]]:
-    """Concatenated samples; position_ids restart at 0 per sample and each sample's first label is
-    -100 (the model shifts labels by one, so it would be predicted from the previous sample)."""
     for bin_ in bins:
-        row: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
-        for index in bin_:
-            input_ids, labels = reader.sample(index)
-            row["input_ids"].extend(input_ids)
-            row["labels"].extend([-100, *labels[1:]])
-            row["position_ids"].extend(range(len(input_ids)))
-        yield row
+        yield packed_row({"input_ids": ids, "labels": labels} for ids, labels in map(reader.sample, bin_))
 
 
 def _histogram(lengths: list[int]) -> dict[str, int]:

@@ -13,7 +13,6 @@ from tasks.packing import (
     IGNORE_INDEX,
     PackedCollator,
     PackingError,
-    epoch_order,
     pack_lengths,
     pack_samples,
     packing_efficiency,
@@ -78,6 +77,16 @@ def test_efficiency_on_lognormal_chat_lengths():
     assert len(bins) <= int(np.ceil(lengths.sum() / 2048)) + 2
 
 
+def test_efficiency_on_narrow_band_lengths():
+    """Like the quickstart data: every sample about a tenth of the row, where best-fit decreasing
+    alone strands a 10-35 token gap in nearly every row (0.9716 here)."""
+    lengths = np.random.default_rng(0).integers(38, 61, 3000)
+    bins = pack_lengths(lengths, 512, seed=0)
+    # Measured 0.99850: 289 rows, the bound.
+    assert packing_efficiency(lengths, bins, 512) >= 0.99
+    assert len(bins) <= int(np.ceil(lengths.sum() / 512)) + 2
+
+
 def test_exact_fits_fill_rows_completely():
     bins = pack_lengths([3, 5, 2, 6, 4, 4], 8, seed=0)
     assert sorted(sorted(b) for b in bins) == [[0, 1], [2, 3], [4, 5]]
@@ -94,17 +103,6 @@ def test_empty_input_gives_no_bins():
 def test_unpackable_lengths_raise_naming_the_sample(lengths, message):
     with pytest.raises(ValueError, match=message):
         pack_lengths(lengths, 2048, seed=0)
-
-
-def test_epoch_order_is_a_seeded_permutation_per_epoch():
-    first = epoch_order(100, seed=3, epoch=0)
-    assert sorted(first) == list(range(100))
-    assert epoch_order(100, seed=3, epoch=0) == first
-    assert epoch_order(100, seed=3, epoch=1) != first
-    assert epoch_order(100, seed=4, epoch=0) != first
-
-
-# --- rows and collator --------------------------------------------------------------------------
 
 
 def test_pack_samples_restarts_positions_and_masks_first_label():
