@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,7 @@ def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
     url = f"http://127.0.0.1:{port}"
     console.print(f"Prefect UI: {url}")
     console.print(f"Point runs at it:  export PREFECT_API_URL={url}/api")
-    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{url}/api"}
     command = [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     raise typer.Exit(subprocess.call(command, env=environment))
 
@@ -69,9 +70,15 @@ async def _ensure_pool_and_limit() -> None:
             await client.create_concurrency_limit(tag=GPU_LIMIT_TAG, concurrency_limit=1)
 
 
-def runs(limit: int = typer.Option(10, help="How many recent runs.")) -> None:
+def runs(
+    limit: int = typer.Option(10, help="How many recent runs."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
     """Recent pipeline runs with their state, duration and key metrics, from the Prefect API."""
     rows = asyncio.run(recent_runs(limit))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
     table = Table(title="recent loraflow runs")
     for column in ("flow run", "state", "started", "duration", "key metrics"):
         table.add_column(column)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from openai_stub import StubServer
+
 from tasks.serving import free_port
 from tasks.tiny_model import build_tiny_model
 
@@ -39,7 +39,10 @@ def prefect_env(tmp_path_factory):
     """A real Prefect server on a free port; yields the environment that points clients at it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
-    server_env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server_env = {
+        **os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
     server_env.pop("PREFECT_API_URL", None)
     log = (home / "server.log").open("wb")
     server = subprocess.Popen(
@@ -148,8 +151,11 @@ def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
     assert {"ops-prep-report", "ops-data-contract", "ops-train-progress", "ops-loss-curve", "ops-eval-metrics",
             "ops-eval-comparison", "ops-run-summary"} <= keys
 
-    history = loraflow(prefect_env, "runs", "--limit", "5")
-    assert history.returncode == 0 and flow_run.name[:20] in history.stdout.replace("\n", "")
+    history = loraflow(prefect_env, "runs", "--limit", "5", "--json")
+    assert history.returncode == 0, history.stderr
+    listed = {run["name"]: run for run in json.loads(history.stdout)}
+    assert listed[flow_run.name]["state"] == "Completed"
+    assert "tuned_accuracy=" in listed[flow_run.name]["metrics"]
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
