@@ -8,6 +8,7 @@ to stop.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,14 +19,18 @@ class TemplateError(ValueError):
     """The chat template renders a prefix that the full conversation does not start with."""
 
 
+class ContentError(ValueError):
+    """A message holds text the tokenizer would read as a special token (e.g. a literal
+    `<|im_end|>`): its turn would end early and the rest of the answer would go untrained."""
+
+
 @dataclass
 class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
 
-    @property
-    def trained_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
+    def __post_init__(self) -> None:
+        self.trained_tokens = len(self.labels) - self.labels.count(IGNORE_INDEX)
 
     def truncated(self, length: int) -> TokenizedConversation:
         return TokenizedConversation(self.input_ids[:length], self.labels[:length])
@@ -38,41 +43,44 @@ def tokenize_conversation(
     train_on_eos: str = "turn",
     train_on_inputs: bool = False,
 ) -> TokenizedConversation:
-    """Tokens of the rendered conversation; labels keep the trained turns (or everything, with
-    `train_on_inputs`). `train_on_eos`: the end-of-turn token of each trained turn ("turn"), of
-    the last trained turn only ("last"), of every turn ("all"), or of none ("none")."""
-    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
-    turn_spans = []  # (start, end, trained) in characters of full_text
+    """Tokens of the rendered conversation; labels keep the trained turns' contents (or every
+    token, with `train_on_inputs`). `train_on_eos`: the end-of-turn token of each trained turn
+    ("turn"), of the last trained turn only ("last"), of every turn ("all"), or of none ("none")."""
+    _refuse_special_tokens(tokenizer, [message["content"] for message in messages])
+    full_text = ""
+    turns = []  # (content start, turn end, trained) in characters of the rendered text
     for index, message in enumerate(messages):
-        prompt_text = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
         turn_text = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if message["role"] == "assistant" and index and not turn_text.startswith(prompt_text):
-            raise TemplateError("the chat template does not render conversations prefix by prefix; turn boundaries cannot be found")
-        if not full_text.startswith(turn_text):
+        if not turn_text.startswith(full_text):
             raise TemplateError("the chat template renders a conversation differently from its prefixes; turn boundaries cannot be found")
-        # The generation prompt (e.g. "<|im_start|>assistant\n") belongs to the prompt, not the turn.
-        start = len(prompt_text) if message["role"] == "assistant" else (turn_spans[-1][1] if turn_spans else 0)
-        turn_spans.append((start, len(turn_text), message["role"] in roles_to_train))
+        if message["role"] == "assistant":
+            # The generation prompt ("<|im_start|>assistant\n") belongs to the prompt, not the answer.
+            prompt_text = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True) if index else ""
+            if not turn_text.startswith(prompt_text):
+                raise TemplateError("the chat template's generation prompt is not a prefix of the assistant turn")
+            content_start = len(prompt_text)
+        else:
+            found = turn_text.find(message["content"], len(full_text))
+            content_start = found if found >= 0 else len(full_text)
+        turns.append((content_start, len(turn_text), message["role"] in roles_to_train))
+        full_text = turn_text
 
-    encoding = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
+    input_ids, token_starts = _encode(tokenizer, full_text)
     if train_on_inputs:
         return TokenizedConversation(input_ids, list(input_ids))
     labels = [IGNORE_INDEX] * len(input_ids)
     end_of_turn = tokenizer.eos_token_id
-    last_trained = max((i for i, span in enumerate(turn_spans) if span[2]), default=-1)
-    offsets = encoding["offset_mapping"]
-    for turn_index, (span_start, span_end, trained) in enumerate(turn_spans):
-        positions = [i for i, (start, _) in enumerate(offsets) if span_start <= start < span_end]
+    last_trained = max((i for i, turn in enumerate(turns) if turn[2]), default=-1)
+    for turn_index, (content_start, turn_end, trained) in enumerate(turns):
         keep_eos = train_on_eos == "all" or (
             trained and (train_on_eos == "turn" or (train_on_eos == "last" and turn_index == last_trained))
         )
-        for position in positions:
+        for position in range(bisect_left(token_starts, content_start), bisect_left(token_starts, turn_end)):
             # The template may add text after the end-of-turn token (ChatML adds a newline); the
             # model should learn to stop at the end-of-turn token, not to produce what follows it.
             if input_ids[position] == end_of_turn:
                 if keep_eos:
-                    labels[position] = input_ids[position]
+                    labels[position] = end_of_turn
                 break
             if trained:
                 labels[position] = input_ids[position]
@@ -82,12 +90,27 @@ def tokenize_conversation(
 def tokenize_segments(tokenizer: Any, segments: list[dict[str, Any]], train_on_inputs: bool = False) -> TokenizedConversation:
     """Plain text (`completion`, `input_output`): segments tokenized in order, each trained or not;
     an end-of-sequence token closes the row and is trained, so the model learns to stop."""
+    _refuse_special_tokens(tokenizer, [segment["text"] for segment in segments])
     input_ids: list[int] = []
     labels: list[int] = []
     for segment in segments:
-        ids = tokenizer(segment["text"], add_special_tokens=False)["input_ids"]
+        ids, _ = _encode(tokenizer, segment["text"])
         input_ids.extend(ids)
         labels.extend(ids if segment["train"] or train_on_inputs else [IGNORE_INDEX] * len(ids))
     input_ids.append(tokenizer.eos_token_id)
     labels.append(tokenizer.eos_token_id)
     return TokenizedConversation(input_ids, labels)
+
+
+def _encode(tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    """Token ids and each token's first character, through the Rust tokenizer directly (the
+    Python wrapper costs more than the encoding itself on short rows)."""
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    return encoding.ids, [start for start, _ in encoding.offsets]
+
+
+def _refuse_special_tokens(tokenizer: Any, texts: list[str]) -> None:
+    for special in tokenizer.all_special_tokens:
+        for text in texts:
+            if special in text:
+                raise ContentError(f"content holds the special token {special!r} as text; remove or escape it")

@@ -14,6 +14,7 @@ import csv
 import gzip
 import io
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,23 +78,27 @@ def read_conversations(dataset: DatasetConfig) -> Iterator[Conversation | Reject
 
 
 def check_source(dataset: DatasetConfig, rows_to_look_at: int = 20) -> None:
-    """Dataset-level problems, found in a second from the first rows: a missing or empty source,
-    or a configured field that the rows do not have (all rows would be quarantined)."""
+    """Dataset-level problems, found in a second from the first rows: a missing, unreadable or
+    empty source, or a configured field that none of the first rows has (then every row would be
+    quarantined; a single row without it is a row-level problem)."""
     looked_at = 0
+    first_row: dict[str, Any] | None = None
     for _, row, _ in read_rows(dataset):
         looked_at += 1
-        if isinstance(row, RowError):
-            if looked_at == rows_to_look_at:
+        if not isinstance(row, RowError):
+            if all(name in row for name in required_fields(dataset)):
                 return
-            continue
-        missing = [name for name in required_fields(dataset) if name not in row]
-        if missing:
-            raise DatasetError(
-                f"no column '{missing[0]}' in {dataset.path}; columns: {', '.join(sorted(row)) or 'none'}; {_layout_hint(dataset, row)}"
-            )
-        return
+            first_row = first_row or row
+        if looked_at == rows_to_look_at:
+            break
     if looked_at == 0:
         raise DatasetError(f"{dataset.path}: the dataset is empty; add rows or remove it from `datasets`")
+    if first_row is not None:
+        missing = next(name for name in required_fields(dataset) if name not in first_row)
+        raise DatasetError(
+            f"no column '{missing}' in {dataset.path}; columns: {', '.join(sorted(first_row)) or 'none'}; "
+            f"{_layout_hint(dataset, first_row)}"
+        )
 
 
 def _layout_hint(dataset: DatasetConfig, row: dict[str, Any]) -> str:
@@ -107,11 +112,17 @@ def _layout_hint(dataset: DatasetConfig, row: dict[str, Any]) -> str:
     return _field_hint(dataset, required_fields(dataset)[0])
 
 
+def _sharegpt_view(dataset: DatasetConfig) -> DatasetConfig:
+    """ShareGPT rows: `conversations` (unless field_messages says otherwise) of from/value."""
+    field_name = "conversations" if dataset.field_messages == "messages" else dataset.field_messages
+    return dataset.model_copy(update={"field_messages": field_name, "message_property_mappings": {"role": "from", "content": "value"}})
+
+
 def required_fields(dataset: DatasetConfig) -> list[str]:
     return {
         "chat_template": [dataset.field_messages],
         "chatml": [dataset.field_messages],
-        "sharegpt": [dataset.field_messages],
+        "sharegpt": [_sharegpt_view(dataset).field_messages],
         "alpaca": [dataset.field_instruction, dataset.field_output],
         "completion": [dataset.field],
         "input_output": [dataset.field_segments],
@@ -128,9 +139,7 @@ def to_messages(dataset: DatasetConfig, row: dict[str, Any]) -> tuple[str, list[
     if dataset.type in ("chat_template", "chatml"):
         return "chat", _chat_messages(dataset, row[dataset.field_messages], strict_roles=True)
     if dataset.type == "sharegpt":
-        mapped = dataset.model_copy(update={"message_property_mappings": {"role": "from", "content": "value"}})
-        if dataset.field_messages == "messages":
-            mapped = mapped.model_copy(update={"field_messages": "conversations"})
+        mapped = _sharegpt_view(dataset)
         return "chat", _chat_messages(mapped, row[mapped.field_messages], strict_roles=False)
     if dataset.type == "alpaca":
         return "chat", _alpaca_messages(dataset, row)
@@ -227,14 +236,25 @@ def read_rows(dataset: DatasetConfig) -> Iterator[tuple[int, dict[str, Any] | Ro
     if not path.exists():
         raise DatasetError(f"{path}: dataset not found (datasets[].path in the config)")
     kind = source_format(dataset)
-    if kind == "json":
-        yield from _json_rows(path)
-    elif kind == "csv":
-        yield from _csv_rows(path)
-    elif kind == "parquet":
-        yield from _parquet_rows(path)
-    else:
-        yield from _arrow_rows(path, dataset.split)
+    readers = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+    rows = readers[kind](path) if kind in readers else _arrow_rows(path, dataset.split)
+    try:
+        yield from rows
+    except DatasetError:
+        raise
+    except _unreadable_file_errors() as error:
+        # Truncated or corrupt gzip/zstd streams, Parquet or Arrow files: the file itself is broken.
+        raise DatasetError(f"{path}: cannot read the file ({type(error).__name__}: {error}); re-export or re-copy it") from None
+
+
+def _unreadable_file_errors() -> tuple[type[BaseException], ...]:
+    """What a truncated or corrupt file raises; the zstd and Arrow errors can only come from
+    those libraries once they are loaded, so they are looked up only then."""
+    errors: list[type[BaseException]] = [EOFError, OSError, ValueError]
+    for module_name, error_name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        if module_name in sys.modules:
+            errors.append(getattr(sys.modules[module_name], error_name))
+    return tuple(errors)
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:
@@ -285,6 +305,8 @@ def _json_array_rows(path: Path, content: bytes) -> Iterator[tuple[int, dict[str
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError, str]]:
+    # Long chat transcripts exceed the csv module's default 128 KB cell limit.
+    csv.field_size_limit(2**31 - 1)
     # surrogateescape keeps reading past invalid bytes, so one bad row does not sink the file.
     with path.open(encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle)

@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 
 from tasks import store
-from tasks.chat_tokens import TokenizedConversation, tokenize_conversation, tokenize_segments
+from tasks.chat_tokens import ContentError, TokenizedConversation, tokenize_conversation, tokenize_segments
 from tasks.config import DatasetConfig, RunConfig, stage_settings
 from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frames
 from tasks.fingerprint import FileHasher, code_version, hash_json
@@ -159,8 +159,13 @@ def _read_source(
                 counts["rows_duplicate"] += 1
                 reject(_rejected(item, f"exact duplicate of row {first_line} of {first_source}"))
                 continue
-            seen_hashes.setdefault(content_hash, (item.source, item.line))
-            tokens = _tokenize(cfg, dataset, tokenizer, item)
+            if cfg.dataset_exact_deduplication:
+                seen_hashes.setdefault(content_hash, (item.source, item.line))
+            try:
+                tokens = _tokenize(cfg, dataset, tokenizer, item)
+            except ContentError as error:
+                reject(_rejected(item, str(error)))
+                continue
             if len(tokens.input_ids) > cfg.sequence_len:
                 if cfg.excess_length_strategy == "quarantine":
                     reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "

@@ -25,35 +25,53 @@ _BATCH_ROWS = 1000
 
 
 def write_shards(rows: Iterable[dict[str, Any]], out_dir: Path, split: str, rows_per_shard: int) -> list[dict[str, Any]]:
-    """Writes rows into `<split>-NNNNN.arrow` files; returns one {file, rows} record per shard."""
+    """Writes rows into `<split>-NNNNN.arrow` files, a record batch at a time so memory does not
+    grow with the shard size; returns one {file, rows} record per shard."""
     shards: list[dict[str, Any]] = []
-    pending: list[dict[str, Any]] = []
-
-    def flush() -> None:
-        name = f"{split}-{len(shards):05d}.arrow"
-        _write_one(pending, out_dir / name)
-        shards.append({"file": name, "rows": len(pending)})
-        pending.clear()
-
+    writer: _ShardWriter | None = None
     for row in rows:
-        pending.append(row)
-        if len(pending) == rows_per_shard:
-            flush()
-    if pending or not shards:
-        flush()
+        if writer is None:
+            writer = _ShardWriter(out_dir / f"{split}-{len(shards):05d}.arrow")
+        writer.add(row)
+        if writer.rows == rows_per_shard:
+            shards.append(writer.finish())
+            writer = None
+    if writer is not None or not shards:
+        shards.append((writer or _ShardWriter(out_dir / f"{split}-{len(shards):05d}.arrow")).finish())
     return shards
 
 
-def _write_one(rows: list[dict[str, Any]], path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_stream(sink, SHARD_SCHEMA) as writer:
-        for start in range(0, len(rows), _BATCH_ROWS):
-            batch = rows[start : start + _BATCH_ROWS]
-            writer.write_batch(pa.record_batch(
-                [pa.array([row[name] for row in batch], type=field.type) for name, field in zip(SHARD_SCHEMA.names, SHARD_SCHEMA)],
+class _ShardWriter:
+    """One shard, written under a temporary name and renamed when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temporary = path.with_name(f".{path.name}.tmp")
+        self._sink = pa.OSFile(str(self.temporary), "wb")
+        self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
+        self._pending: list[dict[str, Any]] = []
+        self.rows = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self._pending.append(row)
+        self.rows += 1
+        if len(self._pending) == _BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_batch(pa.record_batch(
+                [pa.array([row[name] for row in self._pending], type=field.type) for name, field in zip(SHARD_SCHEMA.names, SHARD_SCHEMA)],
                 schema=SHARD_SCHEMA,
             ))
-    os.replace(temporary, path)
+            self._pending.clear()
+
+    def finish(self) -> dict[str, Any]:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        os.replace(self.temporary, self.path)
+        return {"file": self.path.name, "rows": self.rows}
 
 
 SAMPLE_SCHEMA = pa.schema([

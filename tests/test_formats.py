@@ -136,10 +136,6 @@ def test_chat_types_train_exactly_the_assistant_turns_and_their_end_token(
     assert trained_runs(tiny_tokenizer, tokens) == [m["content"] + END for m in messages if m["role"] == "assistant"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks/formats.py:114 required_fields() checks `messages` for `type: sharegpt` while to_messages() reads "
-    "`conversations` when field_messages is left at its default: every plain sharegpt row is rejected"
-))
 def test_sharegpt_reads_conversations_by_default(tmp_path: Path, tiny_tokenizer: Any, tiny_model_dir: Path) -> None:
     _, row, messages = CHAT_TYPE_CASES["sharegpt"]
 
@@ -175,10 +171,6 @@ def test_user_turns_are_trained_with_their_end_token_when_listed_in_roles_to_tra
     assert not any("Answer briefly." in run for run in runs)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks/chat_tokens.py:54 a trained non-assistant turn starts at the end of the previous turn, so its role header "
-    "(`<|im_start|>user\\n`) is trained too; assistant turns exclude theirs"
-))
 def test_trained_user_turns_exclude_their_role_header(tmp_path: Path, tiny_tokenizer: Any, tiny_model_dir: Path) -> None:
     _, (tokens,) = prepare(tmp_path, tiny_tokenizer, tiny_model_dir, [{"messages": CHAT}], {"roles_to_train": ["assistant", "user"]})
 
