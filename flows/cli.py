@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows import ops_cli
+from flows.registry_cli import registry_app
 from tasks.config import ConfigError, RunConfig, load_config
 
 # No network here, and telemetry against a SQLite server can cause "database is locked".
@@ -30,6 +31,7 @@ config_app = typer.Typer(no_args_is_help=True, help="The config format.")
 app.add_typer(config_app, name="config")
 contract_app = typer.Typer(no_args_is_help=True, help="Data contracts.")
 app.add_typer(contract_app, name="contract")
+app.add_typer(registry_app)  # `loraflow models`, `loraflow promote VERSION`, `loraflow rollback`
 for command in (ops_cli.server, ops_cli.serve, ops_cli.deploy, ops_cli.runs):
     app.command()(command)
 console = Console()
@@ -113,6 +115,8 @@ def _print_summary(summary: dict) -> None:
     for stage, outcome in summary["stages"].items():
         table.add_row(stage, outcome["state"], f"{outcome['duration_s']:.1f} s", key_numbers.get(stage, ""))
     console.print(table)
+    if promotion := summary.get("promotion"):
+        console.print(f"{promotion['version']}: {promotion['reason']} (production: {promotion['production'] or 'none'})")
 
 
 def _short(value: object) -> str:

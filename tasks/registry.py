@@ -1,0 +1,416 @@
+"""The model registry: every export becomes a numbered version; `production` names the promoted one.
+
+Layout of a registry directory (one per model line, default `<state_dir>/../registry/<name>`,
+outside the state dir on purpose: that is a cache anyone may wipe, the registry is a record):
+
+    versions/v0001/model/        the exported model (hard links into the export stage's output)
+    versions/v0001/metrics.json  eval metrics of the version (what `promote_if` reads)
+    versions/v0001/version.json  export fingerprint, lineage, when it was registered
+    versions/v0001/decision.json the promotion gate's decision, written once
+    production -> versions/v0001 a relative symlink, swapped atomically with os.replace
+    history.jsonl                every move of the pointer, for `rollback` and for people
+
+What a reader can rely on:
+- A `versions/vNNNN` directory is complete: versions are assembled in `.vNNNN.partial` and renamed
+  into place, so a process killed while registering leaves no version or a whole one.
+- The `production` link always names a complete version (or does not exist yet).
+- Registering the same export (same fingerprint) again returns its existing version; its gate
+  decision is made once, when it is first registered, so a cached nightly re-run cannot promote
+  again a version someone rolled back by hand.
+- Writers take an exclusive lock on `.lock`, so the nightly run and a person running
+  `loraflow promote` never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PromoteCondition, RunConfig
+
+log = logging.getLogger("loraflow.registry")
+
+VERSIONS = "versions"
+PRODUCTION = "production"
+HISTORY = "history.jsonl"
+MODEL = "model"
+_VERSION_NAME = re.compile(r"^v(\d{4,})$")
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot do what was asked; the message says what exists and what to run."""
+
+
+class HubPushError(RuntimeError):
+    """Pushing a promoted model to the hub failed for a reason other than being offline."""
+
+
+@dataclass
+class Version:
+    name: str
+    path: Path
+    record: dict[str, Any]
+    metrics: dict[str, Any]
+    decision: dict[str, Any] | None
+
+
+def registry_dir(cfg: RunConfig) -> Path:
+    if cfg.export.registry_dir:
+        return Path(cfg.export.registry_dir)
+    return Path(cfg.state_dir).parent / "registry" / cfg.name
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def normalise_version(name: str) -> str:
+    """`3`, `v3` and `v0003` all name version v0003."""
+    digits = name.lower().removeprefix("v")
+    if not digits.isdigit():
+        raise RegistryError(f"{name!r} is not a version name; versions look like v0003 (see `loraflow models`)")
+    return f"v{int(digits):04d}"
+
+
+@contextlib.contextmanager
+def locked(root: Path) -> Iterator[None]:
+    """Exclusive writer lock; the kernel releases it when the holder dies, even by kill -9."""
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def list_versions(root: Path) -> list[Version]:
+    """Complete versions, oldest first (partial ones are invisible)."""
+    versions_dir = root / VERSIONS
+    if not versions_dir.is_dir():
+        return []
+    names = sorted((p.name for p in versions_dir.iterdir() if _VERSION_NAME.match(p.name)), key=lambda n: int(n[1:]))
+    return [read_version(root, name) for name in names]
+
+
+def read_version(root: Path, name: str) -> Version:
+    path = root / VERSIONS / name
+    if not (path / "version.json").is_file():
+        raise RegistryError(f"no version {name} in {root}; `loraflow models` lists the versions")
+    decision_path = path / "decision.json"
+    return Version(
+        name=name,
+        path=path,
+        record=json.loads((path / "version.json").read_text()),
+        metrics=json.loads((path / "metrics.json").read_text()),
+        decision=json.loads(decision_path.read_text()) if decision_path.is_file() else None,
+    )
+
+
+def production(root: Path) -> str | None:
+    link = root / PRODUCTION
+    if not link.is_symlink():
+        return None
+    return Path(os.readlink(link)).name
+
+
+def register(root: Path, export_dir: Path, manifest: dict[str, Any]) -> tuple[Version, bool]:
+    """Adds the export as a new version, or returns the version it already is. Call under `locked`."""
+    for version in list_versions(root):
+        if version.record["fingerprint"] == manifest["fingerprint"]:
+            return version, False
+    versions_dir = root / VERSIONS
+    versions_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in versions_dir.glob(".v*.partial"):
+        shutil.rmtree(leftover)  # a writer killed mid-registration; we hold the lock, it is dead
+    existing = [int(p.name[1:]) for p in versions_dir.iterdir() if _VERSION_NAME.match(p.name)]
+    name = f"v{max(existing, default=0) + 1:04d}"
+    work = versions_dir / f".{name}.partial"
+    work.mkdir()
+    _link_tree(export_dir / manifest["model_dir"], work / MODEL)
+    if (export_dir / "gguf").is_dir():
+        _link_tree(export_dir / "gguf", work / "gguf")
+    record = {
+        "version": name,
+        "fingerprint": manifest["fingerprint"],
+        "kind": manifest.get("kind", "merged"),
+        "merge_dtype": manifest.get("merge_dtype"),
+        "lineage": manifest.get("lineage", {}),
+        "verification": manifest.get("verification", {}),
+        "export_dir": str(export_dir.resolve()),
+        "registered_at": _now(),
+    }
+    _write_json(work / "metrics.json", manifest.get("metrics", {}))
+    _write_json(work / "version.json", record)  # last file: its presence marks the version complete
+    _fsync_tree(work)
+    os.rename(work, versions_dir / name)
+    _fsync_dir(versions_dir)
+    _append_history(root, {"event": "registered", "version": name, "fingerprint": manifest["fingerprint"]})
+    log.info("registry: registered %s in %s", name, root)
+    return read_version(root, name), True
+
+
+def register_and_gate(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Registers the export and, the first time, applies `export.promote_if` to it: the decision
+    (promoted or not, and why) is returned, and recorded in the version."""
+    root = registry_dir(cfg)
+    with locked(root):
+        version, created = register(root, export_dir, manifest)
+        if version.decision is not None:
+            return {**version.decision, "already_decided": True, "production": production(root)}
+        current = production(root)
+        if current == version.name:
+            # A run killed between moving the pointer and recording why.
+            decision = {"promoted": True, "reason": f"{version.name} is already production", "checks": []}
+        else:
+            production_metrics = read_version(root, current).metrics if current else None
+            decision = evaluate_gate(cfg.export.promote_if, version.metrics, production_metrics, current)
+        decision.update(version=version.name, production_before=current, registry=str(root), decided_at=_now(), hub=None)
+        if decision["promoted"] and current != version.name:
+            if cfg.hub_model_id:
+                decision["hub"] = push_to_hub(cfg, version.path / MODEL)
+            set_production(root, version.name, "promoted", decision["reason"])
+        _write_json(version.path / "decision.json", decision)
+        return {**decision, "already_decided": False, "production": production(root)}
+
+
+def metric_value(metrics: dict[str, Any], path: str) -> float | None:
+    """`accuracy` -> the tuned model's accuracy (else a top-level `accuracy`); `base.accuracy` as written."""
+    candidates = [path] if "." in path else [f"tuned.{path}", path]
+    for candidate in candidates:
+        value: Any = metrics
+        for part in candidate.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def evaluate_gate(
+    conditions: list[PromoteCondition], metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None
+) -> dict[str, Any]:
+    """Checks every condition; promoted only if all pass. With no production version yet only
+    the absolute bounds apply; with no conditions every new version is promoted."""
+    if not conditions:
+        return {"promoted": True, "reason": "no promote_if conditions: every new version is promoted", "checks": []}
+    checks = [_check(condition, metrics, production_metrics, production_name) for condition in conditions]
+    failed = [check["detail"] for check in checks if not check["passed"]]
+    if failed:
+        return {"promoted": False, "reason": "not promoted: " + "; ".join(failed), "checks": checks}
+    return {"promoted": True, "reason": "promoted: " + "; ".join(check["detail"] for check in checks), "checks": checks}
+
+
+def _check(
+    condition: PromoteCondition, metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None
+) -> dict[str, Any]:
+    value = metric_value(metrics, condition.metric)
+    check: dict[str, Any] = {"metric": condition.metric, "value": value, "production_value": None, "passed": True}
+    if value is None:
+        known = ", ".join(sorted(_metric_names(metrics)))
+        return {**check, "passed": False, "detail": f"metric `{condition.metric}` is not in the eval metrics (known: {known})"}
+    details = []
+    if condition.min is not None:
+        check["passed"] &= value >= condition.min
+        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g}")
+    if condition.max is not None:
+        check["passed"] &= value <= condition.max
+        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g}")
+    if condition.max_regression is not None:
+        previous = metric_value(production_metrics, condition.metric) if production_metrics is not None else None
+        check["production_value"] = previous
+        if previous is None:
+            reason = "no production version yet" if production_metrics is None else f"{production_name} has no {condition.metric}"
+            details.append(f"{reason}: regression check on {condition.metric} skipped")
+        else:
+            regression = previous - value if condition.higher_is_better else value - previous
+            within = regression <= condition.max_regression + 1e-12
+            check["passed"] &= within
+            details.append(
+                f"{condition.metric} {value:.4g} vs {previous:.4g} in production {production_name} "
+                f"({'within' if within else 'beyond'} max_regression {condition.max_regression:g})"
+            )
+    check["passed"] = bool(check["passed"])
+    return {**check, "detail": ", ".join(details)}
+
+
+def _metric_names(metrics: dict[str, Any], prefix: str = "") -> set[str]:
+    names = set()
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            names |= _metric_names(value, f"{prefix}{key}.")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            names.add(prefix + key)
+    return names
+
+
+def set_production(root: Path, name: str, event: str, reason: str) -> None:
+    """Points `production` at a complete version, atomically. Call under `locked`."""
+    version = read_version(root, name)
+    previous = production(root)
+    # The log is written first: if we die before the swap, the pointer (the truth) is unchanged
+    # and `rollback` reads only promotions that point where the link points.
+    _append_history(root, {"event": event, "version": name, "previous": previous, "reason": reason})
+    temporary = root / f".{PRODUCTION}.{os.getpid()}.tmp"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(Path(VERSIONS) / version.name, target_is_directory=True)
+    os.replace(temporary, root / PRODUCTION)
+    _fsync_dir(root)
+    log.info("registry: production is now %s (%s)", name, reason)
+
+
+def promote(root: Path, name: str) -> tuple[str | None, str]:
+    """Moves `production` to a version by hand. Returns (previous, new)."""
+    name = normalise_version(name)
+    with locked(root):
+        previous = production(root)
+        if previous == name:
+            raise RegistryError(f"{name} is already production")
+        set_production(root, name, "promoted", "promoted by hand (loraflow promote)")
+        return previous, name
+
+
+def rollback(root: Path) -> tuple[str, str]:
+    """Moves `production` back to the version that was production before the current one was
+    promoted. Repeated rollbacks walk further back. Returns (previous, new)."""
+    with locked(root):
+        current = production(root)
+        if current is None:
+            raise RegistryError(f"{root} has no production version to roll back from")
+        promotions = [e for e in read_history(root) if e["event"] == "promoted" and e["version"] == current]
+        target = promotions[-1].get("previous") if promotions else None
+        if target is None:
+            raise RegistryError(f"{current} was the first production version: there is nothing to roll back to")
+        set_production(root, target, "rollback", f"rolled back from {current} by hand (loraflow rollback)")
+        return current, target
+
+
+def read_history(root: Path) -> list[dict[str, Any]]:
+    """History entries; a line torn by a crash mid-append is skipped."""
+    path = root / HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entries.append(json.loads(line))
+    return entries
+
+
+def push_to_hub(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
+    """Uploads a promoted model to `hub_model_id`. Offline (HF_HUB_OFFLINE, or the hub endpoint
+    unreachable) it is skipped with a message saying how to push later; any other failure raises."""
+    later = f"push it later with `hf upload {cfg.hub_model_id} {model_dir}`"
+    offline_flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if offline_flag or not _reachable(endpoint):
+        why = "HF_HUB_OFFLINE is set" if offline_flag else f"{endpoint} is unreachable"
+        message = f"push to {cfg.hub_model_id} skipped: {why}; {later}"
+        log.warning(message)
+        return {"status": "skipped", "reason": message}
+    token = os.environ.get(cfg.export.hub_token_env)
+    if not token:
+        raise HubPushError(
+            f"hub_model_id is {cfg.hub_model_id} but ${cfg.export.hub_token_env} is not set: export a token with "
+            f"write access, or remove hub_model_id"
+        )
+    from huggingface_hub import HfApi
+
+    try:
+        api = HfApi(endpoint=endpoint, token=token)
+        api.create_repo(cfg.hub_model_id, private=cfg.export.hub_private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=cfg.hub_model_id, folder_path=str(model_dir), commit_message=f"loraflow: {model_dir.parent.name}"
+        )
+    except Exception as error:
+        raise HubPushError(f"push of {model_dir} to {cfg.hub_model_id} failed: {error}; {later}") from error
+    log.info("registry: pushed %s to %s", model_dir, cfg.hub_model_id)
+    return {"status": "pushed", "repo": cfg.hub_model_id, "commit": getattr(commit, "oid", None)}
+
+
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def decision_markdown(decision: dict[str, Any]) -> str:
+    verdict = "promoted to production" if decision["promoted"] else "kept, not promoted"
+    lines = [
+        f"# Promotion: {decision['version']} {verdict}",
+        "",
+        f"{decision['reason']}",
+        "",
+        f"Production before: {decision.get('production_before') or 'none'}; now: {decision.get('production') or 'none'}.",
+    ]
+    if decision.get("already_decided"):
+        lines.append(f"(Decided when {decision['version']} was first registered, at {decision.get('decided_at')}.)")
+    if decision.get("checks"):
+        lines += ["", "| metric | value | production | passed | detail |", "|---|---|---|---|---|"]
+        lines += [
+            f"| {c['metric']} | {c['value']} | {c['production_value']} | {c['passed']} | {c['detail']} |" for c in decision["checks"]
+        ]
+    if decision.get("hub"):
+        lines += ["", f"Hub: {decision['hub'].get('status')} {decision['hub'].get('reason', decision['hub'].get('repo', ''))}"]
+    return "\n".join(lines) + "\n"
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard links (the export is immutable, so sharing its inodes is safe and costs no space);
+    a copy where the registry lives on another file system."""
+    for path in sorted(source.rglob("*")):
+        destination = target / path.relative_to(source)
+        if path.is_dir():
+            destination.mkdir(parents=True, exist_ok=True)
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, destination)
+        except OSError:
+            shutil.copy2(path, destination)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w") as handle:
+        handle.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def _append_history(root: Path, entry: dict[str, Any]) -> None:
+    with (root / HISTORY).open("a") as handle:
+        handle.write(json.dumps({"at": _now(), **entry}, sort_keys=True) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
