@@ -36,6 +36,12 @@ class TokenizedConversation:
         return TokenizedConversation(self.input_ids[:length], self.labels[:length])
 
 
+@dataclass
+class RenderedConversation:
+    text: str
+    turns: list[tuple[int, int, bool]]  # (content start, turn end, trained) in characters of text
+
+
 def tokenize_conversation(
     tokenizer: Any,
     messages: list[dict[str, str]],
@@ -46,12 +52,21 @@ def tokenize_conversation(
     """Tokens of the rendered conversation; labels keep the trained turns' contents (or every
     token, with `train_on_inputs`). `train_on_eos`: the end-of-turn token of each trained turn
     ("turn"), of the last trained turn only ("last"), of every turn ("all"), or of none ("none")."""
+    rendered = render_conversation(tokenizer, messages, roles_to_train)
+    return tokenize_rendered(tokenizer, [rendered], train_on_eos, train_on_inputs)[0]
+
+
+def render_conversation(
+    tokenizer: Any, messages: list[dict[str, str]], roles_to_train: tuple[str, ...] | list[str]
+) -> RenderedConversation:
+    """The chat-template text and where each turn's content starts and its turn ends, found by
+    rendering the conversation prefix by prefix."""
     _refuse_special_tokens(tokenizer, [message["content"] for message in messages])
-    full_text = ""
-    turns = []  # (content start, turn end, trained) in characters of the rendered text
+    text = ""
+    turns = []
     for index, message in enumerate(messages):
         turn_text = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
-        if not turn_text.startswith(full_text):
+        if not turn_text.startswith(text):
             raise TemplateError("the chat template renders a conversation differently from its prefixes; turn boundaries cannot be found")
         if message["role"] == "assistant":
             # The generation prompt ("<|im_start|>assistant\n") belongs to the prompt, not the answer.
@@ -60,16 +75,33 @@ def tokenize_conversation(
                 raise TemplateError("the chat template's generation prompt is not a prefix of the assistant turn")
             content_start = len(prompt_text)
         else:
-            found = turn_text.find(message["content"], len(full_text))
-            content_start = found if found >= 0 else len(full_text)
+            found = turn_text.find(message["content"], len(text))
+            content_start = found if found >= 0 else len(text)
         turns.append((content_start, len(turn_text), message["role"] in roles_to_train))
-        full_text = turn_text
+        text = turn_text
+    return RenderedConversation(text, turns)
 
-    input_ids, token_starts = _encode(tokenizer, full_text)
+
+def tokenize_rendered(
+    tokenizer: Any, conversations: list[RenderedConversation], train_on_eos: str = "turn", train_on_inputs: bool = False
+) -> list[TokenizedConversation]:
+    """Encodes rendered conversations in one batch (the Rust tokenizer spreads a batch over the
+    cores) and masks the labels to the trained turns."""
+    encodings = tokenizer.backend_tokenizer.encode_batch([c.text for c in conversations], add_special_tokens=False)
+    return [
+        _labelled(encoding.ids, [start for start, _ in encoding.offsets], conversation.turns, tokenizer.eos_token_id,
+                  train_on_eos, train_on_inputs)
+        for conversation, encoding in zip(conversations, encodings)
+    ]
+
+
+def _labelled(
+    input_ids: list[int], token_starts: list[int], turns: list[tuple[int, int, bool]], end_of_turn: int,
+    train_on_eos: str, train_on_inputs: bool,
+) -> TokenizedConversation:
     if train_on_inputs:
         return TokenizedConversation(input_ids, list(input_ids))
     labels = [IGNORE_INDEX] * len(input_ids)
-    end_of_turn = tokenizer.eos_token_id
     last_trained = max((i for i, turn in enumerate(turns) if turn[2]), default=-1)
     for turn_index, (content_start, turn_end, trained) in enumerate(turns):
         keep_eos = train_on_eos == "all" or (

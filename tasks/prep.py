@@ -20,7 +20,7 @@ from typing import Any
 from prefect import task
 
 from tasks import store
-from tasks.chat_tokens import ContentError, TokenizedConversation, tokenize_conversation, tokenize_segments
+from tasks.chat_tokens import ContentError, TokenizedConversation, render_conversation, tokenize_rendered, tokenize_segments
 from tasks.config import DatasetConfig, RunConfig, stage_settings
 from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frames
 from tasks.fingerprint import FileHasher, code_version, hash_json
@@ -32,6 +32,7 @@ log = logging.getLogger("loraflow.prep")
 
 ROWS_PER_SHARD = 50_000
 CONTRACT_CHUNK_ROWS = 100_000
+TOKENIZE_BATCH = 512
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab*", "merges.txt", "*.model")
 PREP_REPORT_KEYS = (
     "rows_in", "rows_accepted", "rows_quarantined", "train_samples", "val_samples", "tokens", "trained_tokens", "packing_efficiency",
@@ -148,37 +149,40 @@ def _read_source(
         quarantine.write(json.dumps(record.as_record(), ensure_ascii=False) + "\n")
 
     def accepted_rows() -> Iterator[dict[str, Any]]:
-        for item in read_conversations(dataset):
-            counts["rows_in"] += 1
-            if isinstance(item, Rejected):
-                reject(item)
-                continue
-            content_hash = hash_json({"kind": item.kind, "messages": item.messages})
-            if cfg.dataset_exact_deduplication and content_hash in seen_hashes:
-                first_source, first_line = seen_hashes[content_hash]
-                counts["rows_duplicate"] += 1
-                reject(_rejected(item, f"exact duplicate of row {first_line} of {first_source}"))
-                continue
-            if cfg.dataset_exact_deduplication:
-                seen_hashes.setdefault(content_hash, (item.source, item.line))
-            try:
-                tokens = _tokenize(cfg, dataset, tokenizer, item)
-            except ContentError as error:
-                reject(_rejected(item, str(error)))
-                continue
-            if len(tokens.input_ids) > cfg.sequence_len:
-                if cfg.excess_length_strategy == "quarantine":
-                    reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
-                                           "raise sequence_len, shorten the row, or set excess_length_strategy: truncate"))
+        for chunk in _batches(read_conversations(dataset), TOKENIZE_BATCH):
+            conversations = []
+            for item in chunk:
+                counts["rows_in"] += 1
+                if isinstance(item, Rejected):
+                    reject(item)
                     continue
-                tokens = tokens.truncated(cfg.sequence_len)
-                counts["rows_truncated"] += 1
-            if tokens.trained_tokens == 0:
-                reject(_rejected(item, "no trained tokens after masking (or truncation)"))
-                continue
-            counts["rows_accepted"] += 1
-            samples.append(tokens, item.messages, content_hash)
-            yield _contract_columns(item, tokens)
+                content_hash = hash_json({"kind": item.kind, "messages": item.messages})
+                if cfg.dataset_exact_deduplication:
+                    if content_hash in seen_hashes:
+                        first_source, first_line = seen_hashes[content_hash]
+                        counts["rows_duplicate"] += 1
+                        reject(_rejected(item, f"exact duplicate of row {first_line} of {first_source}"))
+                        continue
+                    seen_hashes[content_hash] = (item.source, item.line)
+                conversations.append((item, content_hash))
+            tokenized = _tokenize_batch(cfg, dataset, tokenizer, [item for item, _ in conversations])
+            for (item, content_hash), tokens in zip(conversations, tokenized):
+                if isinstance(tokens, ContentError):
+                    reject(_rejected(item, str(tokens)))
+                    continue
+                if len(tokens.input_ids) > cfg.sequence_len:
+                    if cfg.excess_length_strategy == "quarantine":
+                        reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
+                                               "raise sequence_len, shorten the row, or set excess_length_strategy: truncate"))
+                        continue
+                    tokens = tokens.truncated(cfg.sequence_len)
+                    counts["rows_truncated"] += 1
+                if tokens.trained_tokens == 0:
+                    reject(_rejected(item, "no trained tokens after masking (or truncation)"))
+                    continue
+                counts["rows_accepted"] += 1
+                samples.append(tokens, item.messages, content_hash)
+                yield _contract_columns(item, tokens)
 
     contract_summary = None
     if dataset.contract:
@@ -196,30 +200,36 @@ def _rejected(item: Conversation, reason: str) -> Rejected:
     return Rejected(item.source, item.line, reason, json.dumps({"messages": item.messages}, ensure_ascii=False))
 
 
-def _tokenize(cfg: RunConfig, dataset: DatasetConfig, tokenizer: Any, item: Conversation) -> TokenizedConversation:
-    if item.kind == "text":
-        return tokenize_segments(tokenizer, item.messages, cfg.train_on_inputs)
-    return tokenize_conversation(tokenizer, item.messages, dataset.roles_to_train, dataset.train_on_eos, cfg.train_on_inputs)
+def _tokenize_batch(
+    cfg: RunConfig, dataset: DatasetConfig, tokenizer: Any, items: list[Conversation]
+) -> list[TokenizedConversation | ContentError]:
+    """Tokenized rows in order; a row whose content cannot be tokenized faithfully gets its error."""
+    results: list[TokenizedConversation | ContentError | None] = [None] * len(items)
+    rendered, rendered_at = [], []
+    for position, item in enumerate(items):
+        try:
+            if item.kind == "text":
+                results[position] = tokenize_segments(tokenizer, item.messages, cfg.train_on_inputs)
+            else:
+                rendered.append(render_conversation(tokenizer, item.messages, dataset.roles_to_train))
+                rendered_at.append(position)
+        except ContentError as error:
+            results[position] = error
+    if rendered:
+        for position, tokens in zip(rendered_at, tokenize_rendered(tokenizer, rendered, dataset.train_on_eos, cfg.train_on_inputs)):
+            results[position] = tokens
+    return results
 
 
-def check_contract(dataset: DatasetConfig, contract_dir: Path, tokenizer: Any | None, docs_dir: Path | None = None) -> dict[str, Any]:
-    """Validates one source against its contract without running the pipeline (the
-    `loraflow contract check` command). Without a tokenizer, token columns are absent."""
-    check_source(dataset)
-    contract = load_contract(contract_dir, dataset.contract or "")
-    counts = {"rows_in": 0, "rows_rejected": 0}
-
-    def rows() -> Iterator[dict[str, Any]]:
-        for item in read_conversations(dataset):
-            counts["rows_in"] += 1
-            if isinstance(item, Rejected):
-                counts["rows_rejected"] += 1
-                continue
-            tokens = _tokenize(RunConfig.model_construct(train_on_inputs=False), dataset, tokenizer, item) if tokenizer else None
-            yield _contract_columns(item, tokens)
-
-    summary = validate_frames(contract, _frames(rows()), docs_dir)
-    return {**summary, **counts}
+def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def _contract_columns(item: Conversation, tokens: TokenizedConversation | None) -> dict[str, Any]:

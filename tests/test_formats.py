@@ -20,7 +20,7 @@ from tasks.config import ConfigError, DatasetConfig, RunConfig
 from tasks.fingerprint import FileHasher
 from tasks.formats import Conversation, DatasetError, check_source, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import _tokenize, fingerprint, run_prep
+from tasks.prep import _tokenize_batch, fingerprint, run_prep
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_DIR = REPO_ROOT / "data_contracts"
@@ -77,7 +77,7 @@ def prepare(tmp_path: Path, tokenizer: Any, model_dir: Path, rows: list[Any], da
     cfg = run_config(tmp_path, model_dir, [{"path": str(path), **dataset}], **settings)
     items = list(read_conversations(cfg.datasets[0]))
     assert all(isinstance(item, Conversation) for item in items), [getattr(item, "reason", None) for item in items]
-    return items, [_tokenize(cfg, cfg.datasets[0], tokenizer, item) for item in items]
+    return items, _tokenize_batch(cfg, cfg.datasets[0], tokenizer, items)
 
 
 # ---------------------------------------------------------------- chat types: what is trained
@@ -195,7 +195,9 @@ def test_train_on_inputs_trains_every_token(tmp_path: Path, tiny_tokenizer: Any,
         tmp_path, tiny_model_dir, [{"path": str(chat)}, {"path": str(segments), "type": "input_output"}], train_on_inputs=True
     )
 
-    chat_tokens, segment_tokens = [_tokenize(cfg, dataset, tiny_tokenizer, next(read_conversations(dataset))) for dataset in cfg.datasets]
+    chat_tokens, segment_tokens = [
+        _tokenize_batch(cfg, dataset, tiny_tokenizer, [next(read_conversations(dataset))])[0] for dataset in cfg.datasets
+    ]
 
     assert chat_tokens.labels == chat_tokens.input_ids
     assert tiny_tokenizer.decode(chat_tokens.input_ids) == tiny_tokenizer.apply_chat_template(CHAT, tokenize=False)
