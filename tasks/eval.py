@@ -1,20 +1,34 @@
 """eval: score the tuned model (and the base model) through an OpenAI-compatible API, the way it
 will be served.
 
-Answers come from the endpoint through the `openai` client and a response cache keyed by the
-model's content fingerprint, so re-running eval after an eval-only config change never asks the
-same question twice.
+Endpoints (`eval.endpoint`): `local` merges the adapter and starts `transformers serve` (CPU
+works); `vllm` starts vLLM with the base model and the adapter (GPU); `external` asks any
+OpenAI-compatible `base_url` for `eval.model` (and `eval.base_model_name` to compare against), with
+the API key from the environment variable or Prefect Secret block the config names. A server we
+start is always stopped, and is not started at all when every answer is already cached.
+
+Answers go through `tasks.eval_client` (bounded concurrency, retries, a response cache keyed by the
+model's fingerprint, the prompt and the sampling parameters), so a re-run, or a run resumed after a
+kill, requests only what is missing. Scores: exact match, ROUGE-L, label accuracy
+(`tasks.eval_metrics`), latency p50/p95/p99, tokens and cost per model and in total, an optional
+pairwise LLM judge (`tasks.judge`), and the val split's eval loss / perplexity from training.
+
+Outputs: `eval_report.json`, `samples.jsonl` (prompt, reference, each model's answer and scores,
+the judge's verdicts), `server.log` for a server we started, and in Prefect a table and a markdown
+artifact comparing base and tuned. Raises `EvalError` (nothing to score), `ApiKeyError`,
+`EvalRequestError`, `EndpointUnavailableError` and `ServerError`, each saying what to change.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
-import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,61 +36,40 @@ from prefect import task
 
 from tasks import store
 from tasks.config import EvalConfig, RunConfig, stage_settings
-from tasks.eval_client import Answer, ask_all
+from tasks.eval_client import Answer, ModelTarget, ask_all, count_missing, resolve_api_key
+from tasks.eval_metrics import cost_usd, score, summarise, usage_summary
 from tasks.fingerprint import FileHasher, code_version, hash_json
-from tasks.merge import load_adapter_model, save_merged
-from tasks.serving import local_server
+from tasks.judge import judge_pairs, win_rate_summary
+from tasks.merge import load_merged, save_merged
+from tasks.serving import VLLM_BASE_NAME, VLLM_TUNED_NAME, transformers_serve, vllm_serve
 
 log = logging.getLogger("loraflow.eval")
 
 REPORT = "eval_report.json"
 SAMPLES = "samples.jsonl"
-LOCAL_API_KEY = "loraflow-local"  # transformers serve ignores the key; the client requires one
+SERVER_LOG = "server.log"
+RESPONSE_CACHE = "response_cache"
+# How requests are made never changes an answer, and key names are not keys: none of these
+# settings re-runs eval.
+_NOT_IN_FINGERPRINT = ("concurrency", "request_timeout", "max_retries", "startup_timeout", "api_key_env", "api_key_secret")
+
+
+class EvalError(RuntimeError):
+    """Eval cannot run on these inputs; the message names the setting to change."""
 
 
 def fingerprint(cfg: RunConfig, prep_fingerprint: str, train_fingerprint: str, hasher: FileHasher) -> str:
+    settings = stage_settings(cfg, "eval")["eval"]
+    for section in (settings, settings["judge"] or {}):
+        for name in _NOT_IN_FINGERPRINT:
+            section.pop(name, None)
     return hash_json({
-        "settings": stage_settings(cfg, "eval"),
+        "settings": settings,
         "prep": prep_fingerprint,
         "train": train_fingerprint,
         "base_model": hasher.tree(Path(cfg.base_model)),
-        "code": code_version("eval", "eval_client", "serving", "merge"),
+        "code": code_version("eval", "eval_client", "eval_metrics", "judge", "serving", "merge"),
     })
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:\"'")
-
-
-def score(prediction: str, reference: str, labels: list[str] | None) -> dict[str, float]:
-    """Exact match after normalisation; with a closed label set, accuracy counts a reply that names
-    exactly one label, the right one (so "positive, not negative" is wrong)."""
-    scores = {"exact_match": float(normalise(prediction) == normalise(reference))}
-    if labels:
-        named = {label for label in labels if re.search(rf"\b{re.escape(normalise(label))}\b", normalise(prediction))}
-        scores["accuracy"] = float(named == {normalise(reference)})
-    return scores
-
-
-def summarise(answers: list[Answer], scores: list[dict[str, float]]) -> dict[str, Any]:
-    latencies = sorted(answer.latency_s for answer in answers if not answer.cached)
-    summary = {name: statistics.fmean(s[name] for s in scores) for name in scores[0]}
-    summary.update({
-        "samples": len(answers),
-        "requests_made": len(latencies),
-        "prompt_tokens": sum(answer.prompt_tokens for answer in answers),
-        "completion_tokens": sum(answer.completion_tokens for answer in answers),
-        "latency_p50_s": _percentile(latencies, 50),
-        "latency_p95_s": _percentile(latencies, 95),
-    })
-    return summary
-
-
-def _percentile(sorted_values: list[float], percent: float) -> float | None:
-    if not sorted_values:
-        return None
-    index = min(len(sorted_values) - 1, round(percent / 100 * (len(sorted_values) - 1)))
-    return round(sorted_values[index], 4)
 
 
 def load_eval_items(prep_dir: Path, limit: int) -> list[dict[str, Any]]:
@@ -102,43 +95,18 @@ def run_eval(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fing
     store.require_manifest(cfg, "prep", prep_fingerprint)
     items = load_eval_items(store.stage_dir(cfg, "prep", prep_fingerprint), cfg.eval.max_samples)
     if not items:
-        raise ValueError("eval has no val rows to score: set val_set_size above 0")
+        raise EvalError("eval has no val rows to score: set val_set_size above 0")
     work_dir = store.fresh_partial_dir(final_dir)
+    cache_dir = Path(cfg.state_dir) / RESPONSE_CACHE
+    adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
+    judge = judge_target(cfg.eval)
+
     prompts = [item["prompt"] for item in items]
-    cache_root = Path(cfg.state_dir) / "response_cache"
-
-    models: dict[str, list[Answer]] = {}
-    if cfg.eval.endpoint == "external":
-        models["tuned"] = _ask_external(cfg.eval, prompts, cache_root)
-    else:
-        adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
-        tuned_dir = work_dir / "tuned-model"
-        _merge_for_serving(cfg, adapter_dir, tuned_dir)
-        with local_server(work_dir / "server.log", cfg.eval.startup_timeout) as base_url:
-            models["tuned"] = _ask_local(cfg.eval, base_url, tuned_dir, prompts, cache_root / f"tuned-{train_fingerprint[:16]}.jsonl")
-            if cfg.eval.compare_base:
-                base_hash = FileHasher().tree(Path(cfg.base_model))
-                models["base"] = _ask_local(cfg.eval, base_url, Path(cfg.base_model), prompts, cache_root / f"base-{base_hash[:16]}.jsonl")
-        shutil.rmtree(tuned_dir)
-
-    per_model_scores = {
-        name: [score(answer.text, item["reference"], cfg.eval.labels) for answer, item in zip(answers, items)]
-        for name, answers in models.items()
-    }
-    metrics = {name: summarise(models[name], per_model_scores[name]) for name in models}
-    with (work_dir / SAMPLES).open("w", encoding="utf-8") as handle:
-        for index, item in enumerate(items):
-            record = {"prompt": item["prompt"], "reference": item["reference"]}
-            for name in models:
-                record[f"{name}_answer"] = models[name][index].text
-                record[f"{name}_scores"] = per_model_scores[name][index]
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    report = {
-        "metrics": metrics,
-        "eval_loss": train_manifest.get("eval_loss"),
-        "eval_perplexity": train_manifest.get("eval_perplexity"),
-    }
-    store.write_json_atomic(work_dir / REPORT, report)
+    with model_endpoints(cfg, adapter_dir, train_fingerprint, prompts, work_dir, cache_dir) as targets:
+        report, records = evaluate(items, targets, cfg.eval, cache_dir, judge)
+    report["eval_loss"] = train_manifest.get("eval_loss")
+    report["eval_perplexity"] = train_manifest.get("eval_perplexity")
+    write_outputs(work_dir, report, records)
     manifest = {
         "stage": "eval",
         "fingerprint": fingerprint,
@@ -148,41 +116,162 @@ def run_eval(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fing
         **report,
         "duration_s": round(time.monotonic() - started, 2),
     }
-    for name, summary in metrics.items():
-        log.info("eval %s: %s", name, {k: v for k, v in summary.items() if k in ("exact_match", "accuracy", "samples", "requests_made")})
+    for role, summary in report["metrics"].items():
+        log.info("eval %s: %s", role, {k: v for k, v in summary.items() if k in ("exact_match", "accuracy", "rouge_l", "samples")})
+    if report["judge"] is not None:
+        log.info("eval judge: tuned win rate %s over %d comparisons", report["judge"]["win_rate"], report["judge"]["comparisons"])
     return store.publish(work_dir, final_dir, manifest)
 
 
-def _merge_for_serving(cfg: RunConfig, adapter_dir: Path, out_dir: Path) -> None:
-    from transformers import AutoTokenizer
-
-    model = load_adapter_model(cfg.base_model, adapter_dir, trust_remote_code=cfg.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    save_merged(model.merge_and_unload(), tokenizer, out_dir)
-
-
-def _sampling(settings: EvalConfig) -> dict[str, Any]:
+def sampling(settings: EvalConfig) -> dict[str, Any]:
     return {"max_tokens": settings.max_tokens, "temperature": settings.temperature}
 
 
-def _ask_local(settings: EvalConfig, base_url: str, model_dir: Path, prompts: list, cache_path: Path) -> list[Answer]:
-    return ask_all(
-        base_url, str(model_dir.resolve()), LOCAL_API_KEY, prompts, _sampling(settings), cache_path,
-        settings.concurrency, settings.request_timeout, settings.max_retries,
+def judge_target(settings: EvalConfig) -> ModelTarget | None:
+    judge = settings.judge
+    if judge is None:
+        return None
+    if settings.endpoint == "external" and not settings.base_model_name:
+        raise EvalError("`eval.judge` compares the tuned model with the base model: set `eval.base_model_name` for the external endpoint")
+    api_key = resolve_api_key(judge.api_key_env, judge.api_key_secret, "eval.judge")
+    return ModelTarget("judge", judge.model, hash_json({"endpoint": judge.base_url, "model": judge.model}), judge.base_url, api_key)
+
+
+@contextlib.contextmanager
+def model_endpoints(
+    cfg: RunConfig, adapter_dir: Path, train_fingerprint: str, prompts: list, work_dir: Path, cache_dir: Path
+) -> Iterator[list[ModelTarget]]:
+    """The tuned (and base) model as `ModelTarget`s, behind a server started here when needed."""
+    settings = cfg.eval
+    if settings.endpoint == "external":
+        if not settings.base_url or not settings.model:
+            raise EvalError("`eval.endpoint: external` needs `eval.base_url` and `eval.model`")
+        api_key = resolve_api_key(settings.api_key_env, settings.api_key_secret, "eval")
+        # The tuned model behind the endpoint is taken to be this run's: retraining invalidates its answers.
+        external = [("tuned", settings.model, train_fingerprint)]
+        if settings.compare_base and settings.base_model_name:
+            external.append(("base", settings.base_model_name, None))
+        yield [
+            ModelTarget(role, name, hash_json({"endpoint": settings.base_url, "model": name, "train": trained}), settings.base_url, api_key)
+            for role, name, trained in external
+        ]
+        return
+
+    # Our own weights: the cache follows their content, whichever directory serves them.
+    tuned_dir = work_dir / "tuned-model"
+    base_hash = FileHasher(Path(cfg.state_dir) / "file-hashes.json").tree(Path(cfg.base_model))
+    if settings.endpoint == "local":
+        names = {"tuned": str(tuned_dir.resolve()), "base": str(Path(cfg.base_model).resolve())}
+    else:
+        names = {"tuned": VLLM_TUNED_NAME, "base": VLLM_BASE_NAME}
+    model_fingerprints = {"tuned": train_fingerprint, "base": base_hash}
+    roles = ["tuned", "base"] if settings.compare_base else ["tuned"]
+    offline = [ModelTarget(role, names[role], f"{settings.endpoint}:{model_fingerprints[role]}") for role in roles]
+    if all(count_missing(target, prompts, sampling(settings), cache_dir) == 0 for target in offline):
+        log.info("eval: every answer is cached; no model server started")
+        yield offline
+        return
+
+    if settings.endpoint == "local":
+        _merge_for_serving(cfg, adapter_dir, tuned_dir)
+        server = transformers_serve(work_dir / SERVER_LOG, settings.startup_timeout)
+    else:
+        server = vllm_serve(cfg.base_model, adapter_dir, cfg.lora_r, work_dir / SERVER_LOG, settings.startup_timeout)
+    try:
+        with server as base_url:
+            yield [dataclasses.replace(target, base_url=base_url) for target in offline]
+    finally:
+        shutil.rmtree(tuned_dir, ignore_errors=True)
+
+
+def _merge_for_serving(cfg: RunConfig, adapter_dir: Path, out_dir: Path) -> None:
+    """`transformers serve` cannot load a PEFT adapter directory: it serves the merged model (for
+    QLoRA merged into the de-quantized nf4 base it was trained on, see `tasks.merge`)."""
+    from transformers import AutoTokenizer
+
+    qlora_dtype = ("bfloat16" if cfg.bf16 else "float32") if cfg.load_in_4bit else None
+    model, _ = load_merged(cfg.base_model, adapter_dir, "float32", cfg.trust_remote_code, qlora_dtype=qlora_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    save_merged(model, tokenizer, out_dir)
+
+
+def evaluate(
+    items: list[dict[str, Any]], targets: list[ModelTarget], settings: EvalConfig, cache_dir: Path, judge: ModelTarget | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Asks every target for every item (cached answers are not asked again), scores them, and
+    returns the report and one record per item. Needs no upstream stage: items are
+    `{"prompt": messages, "reference": text}`."""
+    prompts = [item["prompt"] for item in items]
+    answers = {target.role: ask_all(target, prompts, sampling(settings), settings, cache_dir) for target in targets}
+    scores = {
+        role: [score(answer.text, item["reference"], settings) for answer, item in zip(role_answers, items)]
+        for role, role_answers in answers.items()
+    }
+    costs = {target.role: _cost(settings, target, answers[target.role]) for target in targets}
+    metrics = {
+        target.role: summarise(scores[target.role], *_usage(answers[target.role]), costs[target.role]) for target in targets
+    }
+    this_run = {target.role: _this_run(settings, target, answers[target.role]) for target in targets}
+
+    judge_report, verdicts = None, None
+    if judge is not None and settings.judge is not None and "base" in answers:
+        verdicts, replies = judge_pairs(items, answers["tuned"], answers["base"], settings.judge, judge, settings, cache_dir)
+        costs["judge"] = _cost(settings, judge, replies)
+        judge_report = {"model": judge.model, **win_rate_summary(verdicts), **usage_summary(*_usage(replies), costs["judge"])}
+        this_run["judge"] = _this_run(settings, judge, replies)
+
+    records = []
+    for index, item in enumerate(items):
+        record: dict[str, Any] = {"index": index, "prompt": item["prompt"], "reference": item["reference"]}
+        for role in answers:
+            record[f"{role}_answer"] = answers[role][index].text
+            record[f"{role}_scores"] = scores[role][index]
+        if verdicts is not None:
+            record["judge"] = verdicts[index]
+        records.append(record)
+    report = {
+        "samples": len(items),
+        "metrics": metrics,
+        "judge": judge_report,
+        "cost_usd": {**{role: round(cost, 6) for role, cost in costs.items()}, "total": round(sum(costs.values()), 6)},
+        "this_run": this_run,
+    }
+    return report, records
+
+
+def _usage(answers: list[Answer]) -> tuple[list[float], int, int]:
+    return (
+        [answer.latency_s for answer in answers],
+        sum(answer.prompt_tokens for answer in answers),
+        sum(answer.completion_tokens for answer in answers),
     )
 
 
-def _ask_external(settings: EvalConfig, prompts: list, cache_root: Path) -> list[Answer]:
-    if not settings.base_url or not settings.model:
-        raise ValueError("eval.endpoint: external needs eval.base_url and eval.model")
-    api_key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else "none"
-    if not api_key:
-        raise ValueError(f"eval.api_key_env names {settings.api_key_env}, which is not set in the environment")
-    cache_path = cache_root / f"external-{hash_json([settings.base_url, settings.model])[:16]}.jsonl"
-    return ask_all(
-        settings.base_url, settings.model, api_key, prompts, _sampling(settings), cache_path,
-        settings.concurrency, settings.request_timeout, settings.max_retries,
-    )
+def _cost(settings: EvalConfig, target: ModelTarget, answers: list[Answer]) -> float:
+    _, prompt_tokens, completion_tokens = _usage(answers)
+    return cost_usd(settings.prices, target.price_names(), prompt_tokens, completion_tokens)
+
+
+def _this_run(settings: EvalConfig, target: ModelTarget, answers: list[Answer]) -> dict[str, Any]:
+    """What this run itself asked for and paid (the rest of the report covers every answer)."""
+    fresh = [answer for answer in answers if not answer.cached]
+    return {
+        "requests": len(fresh),
+        "from_cache": len(answers) - len(fresh),
+        "retries": sum(answer.retries for answer in fresh),
+        "cost_usd": round(_cost(settings, target, fresh), 6),
+    }
+
+
+def write_outputs(out_dir: Path, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """`samples.jsonl` and `eval_report.json`, each written to a temporary file and renamed."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    temporary = out_dir / f".{SAMPLES}.{os.getpid()}.tmp"
+    with temporary.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(temporary, out_dir / SAMPLES)
+    store.write_json_atomic(out_dir / REPORT, report)
 
 
 @task(name="eval", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
@@ -192,15 +281,43 @@ def eval_task(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fin
     from tasks.progress import artifact_key
 
     manifest = run_eval(cfg, fingerprint, prep_fingerprint, train_fingerprint)
-    rows = [{"model": name, **summary} for name, summary in manifest["metrics"].items()]
-    create_table_artifact(table=rows, key=artifact_key(cfg.name, "eval-metrics"), description="Eval metrics per model")
+    create_table_artifact(table=metric_rows(manifest), key=artifact_key(cfg.name, "eval-metrics"), description="Eval metrics per model")
     create_markdown_artifact(markdown=comparison_markdown(manifest), key=artifact_key(cfg.name, "eval-comparison"))
     return manifest
 
 
+def metric_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"model": role, **summary} for role, summary in manifest["metrics"].items()]
+
+
 def comparison_markdown(manifest: dict[str, Any]) -> str:
     metrics = manifest["metrics"]
-    names = sorted({key for summary in metrics.values() for key in summary})
-    lines = ["| metric | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-    lines += [f"| {name} | " + " | ".join(str(metrics[m].get(name)) for m in metrics) + " |" for name in names]
-    return "# Eval: base vs tuned\n\n" + "\n".join(lines)
+    roles = list(metrics)
+    names = [name for name in next(iter(metrics.values())) if all(name in metrics[role] for role in roles)]
+    compare = "base" in metrics and "tuned" in metrics
+    header = "| metric | " + " | ".join(roles) + (" | tuned - base |" if compare else " |")
+    lines = [header, "|---|" + "---|" * (len(roles) + compare)]
+    for name in names:
+        values = [metrics[role][name] for role in roles]
+        row = f"| {name} | " + " | ".join(_cell(value) for value in values) + " |"
+        if compare:
+            tuned, base = metrics["tuned"][name], metrics["base"][name]
+            both_numbers = isinstance(tuned, (int, float)) and isinstance(base, (int, float))
+            row += f" {_cell(tuned - base) if both_numbers else ''} |"
+        lines.append(row)
+    parts = ["# Eval: base vs tuned", "\n".join(lines)]
+    if manifest.get("judge"):
+        judge = manifest["judge"]
+        parts.append(
+            f"**LLM judge** ({judge['model']}, both orders): tuned win rate **{judge['win_rate']}** over "
+            f"{judge['comparisons']} comparisons ({judge['wins']} wins, {judge['losses']} losses, {judge['ties']} ties; "
+            f"{judge['inconsistent']} inconsistent across orders)."
+        )
+    parts.append(f"**Cost**: {_cell(manifest['cost_usd']['total'])} USD in total.")
+    if manifest.get("eval_loss") is not None:
+        parts.append(f"**Val split** (tuned): eval loss {_cell(manifest['eval_loss'])}, perplexity {_cell(manifest['eval_perplexity'])}.")
+    return "\n\n".join(parts)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,15 +1,22 @@
-"""A local OpenAI-compatible endpoint: `transformers serve` on 127.0.0.1, on a free port.
+"""Model servers for eval: OpenAI-compatible endpoints started on 127.0.0.1, on a free port.
 
-The server is started without a pinned model: it loads each model on the first request naming its
-directory, so one server (one start-up) answers for both the base and the tuned model.
+- `transformers_serve`: `transformers serve` (CPU works), started without a pinned model: it loads
+  each model on the first request naming its directory, so one start-up answers for both the base
+  and the tuned (merged) model.
+- `vllm_serve`: vLLM with the base model and the LoRA adapter (`--enable-lora`), on a CUDA GPU;
+  the base model is requested as `base`, the adapter as `tuned`. Without vLLM or CUDA it raises
+  `EndpointUnavailableError` naming the fix, before anything starts.
 
-The server is a child process in its own process group; it is always stopped, also when the stage
-fails or is interrupted, so a crashed eval never leaves a server holding memory and a port.
+Each server is a child process in its own process group whose output goes to a log file; start-up
+waits for `/health` up to a timeout (`ServerError` with the log's end otherwise), and the server is
+always stopped, also when the stage fails or is interrupted, so a crashed eval never leaves a
+server holding memory and a port.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import socket
@@ -21,9 +28,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+VLLM_BASE_NAME = "base"
+VLLM_TUNED_NAME = "tuned"
+# vLLM accepts only these values for --max-lora-rank; the smallest one >= the adapter's rank is used.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
 
 class ServerError(RuntimeError):
-    """The local model server did not become ready; the message carries the end of its log."""
+    """The model server did not become ready; the message carries the end of its log."""
+
+
+class EndpointUnavailableError(RuntimeError):
+    """The endpoint asked for cannot run on this machine; the message says what to install or set."""
 
 
 def free_port() -> int:
@@ -33,24 +49,61 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_server(log_path: Path, startup_timeout: float) -> Iterator[str]:
-    """Yields the base URL (`http://127.0.0.1:PORT/v1`); request `model` = a model directory."""
+def managed_server(command: list[str], port: int, log_path: Path, startup_timeout: float, what: str = "model server") -> Iterator[str]:
+    """Starts `command` (which must listen on `port`), waits for `/health`, yields the base URL
+    `http://127.0.0.1:PORT/v1`, and stops the process group on the way out, whatever happens."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+    try:
+        _wait_until_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout, log_path, what)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        _stop(process)
+
+
+def transformers_serve(log_path: Path, startup_timeout: float) -> contextlib.AbstractContextManager[str]:
+    """`transformers serve`; request `model` = the absolute directory of a model."""
     port = free_port()
     command = [
         str(Path(sys.executable).with_name("transformers")), "serve",
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu" if not _has_cuda() else "auto",
         "--log-level", "warning",
     ]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True
+    return managed_server(command, port, log_path, startup_timeout, "transformers serve")
+
+
+def vllm_command(base_model: str, adapter_dir: Path, port: int, lora_rank: int) -> list[str]:
+    max_rank = next((rank for rank in VLLM_LORA_RANKS if rank >= lora_rank), lora_rank)
+    return [
+        str(Path(sys.executable).with_name("vllm")), "serve", base_model,
+        "--served-model-name", VLLM_BASE_NAME,
+        "--enable-lora", "--lora-modules", f"{VLLM_TUNED_NAME}={adapter_dir}", "--max-lora-rank", str(max_rank),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]
+
+
+def check_vllm_available() -> None:
+    problems = []
+    if importlib.util.find_spec("vllm") is None:
+        problems.append("vLLM is not installed (install the `gpu` extra: pip install 'loraflow[gpu]')")
+    if not _has_cuda():
+        problems.append("no CUDA GPU is visible (vLLM serves LoRA adapters on GPUs only)")
+    if problems:
+        raise EndpointUnavailableError(
+            "`eval.endpoint: vllm` cannot start: " + "; ".join(problems)
+            + ". Use `eval.endpoint: local` (transformers serve, works on CPU) on this machine."
         )
-    try:
-        _wait_until_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout, log_path)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        _stop(process)
+
+
+def vllm_serve(
+    base_model: str, adapter_dir: Path, lora_rank: int, log_path: Path, startup_timeout: float
+) -> contextlib.AbstractContextManager[str]:
+    """vLLM with the base model (requested as `base`) and the adapter (requested as `tuned`)."""
+    check_vllm_available()
+    port = free_port()
+    return managed_server(vllm_command(base_model, adapter_dir, port, lora_rank), port, log_path, startup_timeout, "vLLM")
 
 
 def _has_cuda() -> bool:
@@ -59,11 +112,11 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _wait_until_healthy(process: subprocess.Popen, health_url: str, timeout: float, log_path: Path) -> None:
+def _wait_until_healthy(process: subprocess.Popen, health_url: str, timeout: float, log_path: Path, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise ServerError(f"model server exited with code {process.returncode}:\n{_tail(log_path)}")
+            raise ServerError(f"{what} exited with code {process.returncode} before it was ready (log: {log_path}):\n{_tail(log_path)}")
         try:
             with urllib.request.urlopen(health_url, timeout=2) as response:
                 if response.status == 200:
@@ -72,14 +125,13 @@ def _wait_until_healthy(process: subprocess.Popen, health_url: str, timeout: flo
             pass
         time.sleep(0.25)
     raise ServerError(
-        f"model server not ready after {timeout:.0f} s (raise eval.startup_timeout if the model is "
-        f"large):\n{_tail(log_path)}"
+        f"{what} not ready after {timeout:g} s (raise eval.startup_timeout if the model is large; "
+        f"log: {log_path}):\n{_tail(log_path)}"
     )
 
 
 def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
+    """SIGTERM to the whole process group (a server may have started workers), SIGKILL after 10 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     try:
