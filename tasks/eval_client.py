@@ -24,6 +24,7 @@ import logging
 import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,20 @@ def ask_all(
     """Answers for every prompt, in order; cached answers are reused without a request."""
     cache = ResponseCache(cache_path(cache_dir, target))
     try:
-        return asyncio.run(_ask_all(target, prompts, parameters, settings, cache))
+        return _run_to_completion(_ask_all(target, prompts, parameters, settings, cache))
     finally:
         cache.close()
+
+
+def _run_to_completion(coroutine: Any) -> Any:
+    """asyncio.run, also from code that already runs inside an event loop (a flow run started by
+    `prefect flow-run retry` does): then the coroutine gets a loop of its own in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        return worker.submit(asyncio.run, coroutine).result()
 
 
 async def _ask_all(

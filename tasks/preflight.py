@@ -63,7 +63,14 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
         problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
     if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):
         problems.append("`eval.endpoint: external` needs `eval.base_url` and `eval.model`")
-    if cfg.val_set_size == 0 and cfg.eval.endpoint == "local":
+    if cfg.eval.endpoint == "vllm":
+        from tasks.serving import EndpointUnavailableError, check_vllm_available
+
+        try:
+            check_vllm_available()
+        except EndpointUnavailableError as error:
+            problems.append(str(error))
+    if cfg.val_set_size == 0 and cfg.eval.endpoint in ("local", "vllm"):
         problems.append("`val_set_size` is 0, so eval has nothing to score; set it to e.g. 0.05")
 
     if problems:
