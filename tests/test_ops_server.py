@@ -136,7 +136,7 @@ def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
     assert flow_run.name.startswith("ops-")
     assert "config:ops" in flow_run.tags
     assert latest_task_states(prefect_env, flow_run.id) == {
-        "prep": "Completed", "train": "Completed", "eval": "Completed", "export": "Completed"
+        "prep": "Completed", "train": "Completed", "eval": "Completed", "export": "Completed", "promote": "Completed"
     }
 
     async def artifact_keys():
@@ -149,7 +149,7 @@ def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
 
     keys = api(prefect_env, artifact_keys)
     assert {"ops-prep-report", "ops-data-contract", "ops-train-progress", "ops-loss-curve", "ops-eval-metrics",
-            "ops-eval-comparison", "ops-run-summary"} <= keys
+            "ops-eval-comparison", "ops-promotion", "ops-run-summary"} <= keys
 
     history = loraflow(prefect_env, "runs", "--limit", "5", "--json")
     assert history.returncode == 0, history.stderr
@@ -195,8 +195,9 @@ def test_failed_eval_retried_reruns_only_eval(prefect_env, base_model, tmp_path)
         )
     assert retry.returncode == 0, retry.stdout + retry.stderr
     assert api(prefect_env, latest_flow_run).state_name == "Completed"
+    # promote is never cached: its decision depends on the registry's current production version.
     assert latest_task_states(prefect_env, flow_run.id) == {
-        "prep": "Cached", "train": "Cached", "eval": "Completed", "export": "Cached"
+        "prep": "Cached", "train": "Cached", "eval": "Completed", "export": "Cached", "promote": "Completed"
     }
 
     # --only reuses upstream outputs and runs nothing after the stage; --from runs the rest.
