@@ -38,12 +38,12 @@ console = Console()
 CONFIG_ERROR_EXIT = 2
 
 
-def _load_checked(config_path: Path) -> RunConfig:
+def _load_checked(config_path: Path, for_run: bool = True) -> RunConfig:
     from tasks.preflight import preflight
 
     try:
         cfg = load_config(config_path)
-        for note in preflight(cfg, config_path):
+        for note in preflight(cfg, config_path, for_run=for_run):
             console.print(f"[yellow]note:[/] {note}")
         return cfg
     except ConfigError as error:
@@ -53,8 +53,14 @@ def _load_checked(config_path: Path) -> RunConfig:
 
 @app.command()
 def validate(config: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
-    """Check a config and everything that can be checked without loading data or weights."""
-    _load_checked(config)
+    """Check a config and everything that can be checked without loading data or weights; estimate peak GPU memory."""
+    from tasks.memory import describe_estimate, estimate_peak_memory, read_model_config, visible_gpus
+
+    cfg = _load_checked(config, for_run=False)
+    model_config = read_model_config(cfg)
+    if model_config is not None:
+        for line in describe_estimate(cfg, estimate_peak_memory(cfg, model_config), visible_gpus()):
+            console.print(line)
     console.print(f"{config}: OK")
 
 

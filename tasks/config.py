@@ -36,7 +36,7 @@ UNSUPPORTED_AXOLOTL_KEYS = {
     "special_tokens": "adding special tokens is not supported; the base tokenizer is used as is",
     "chat_template": "custom chat templates are not supported yet; the tokenizer's template is used",
     "dataset_prepared_path": "prep outputs live in `state_dir`; remove `dataset_prepared_path`",
-    "wandb_project": "use `report_to` once it is supported; remove `wandb_project`",
+    "wandb_project": "set report_to: [wandb] and the WANDB_PROJECT environment variable instead",
 }
 
 

@@ -14,13 +14,18 @@ from pathlib import Path
 from tasks.config import ConfigError, RunConfig
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
+from tasks.memory import hardware_problems, visible_gpus
 
 
-def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
-    """Raises ConfigError listing every problem; returns notes on checks that were skipped."""
+def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bool = True) -> list[str]:
+    """Raises ConfigError listing every problem; returns notes on checks that were skipped.
+
+    With `for_run=False` (`loraflow validate`, e.g. of a GPU recipe on a laptop), a missing base
+    model or a machine without a GPU skips the checks that need them, with a note, instead of failing.
+    """
     problems: list[str] = []
     notes: list[str] = []
-    model_config = _read_model_config(cfg, problems)
+    model_config = _read_model_config(cfg, problems if for_run else None)
 
     for index, dataset in enumerate(cfg.datasets):
         if not Path(dataset.path).exists():
@@ -50,9 +55,20 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
                 "use names from the model (e.g. q_proj, v_proj) or `all-linear`"
             )
     else:
-        notes.append("model checks skipped: the base model's files are not available")
+        notes.append(
+            f"model checks skipped: {cfg.base_model} has no config.json here (sequence_len limit, LoRA targets, memory estimate)"
+        )
 
-    if cfg.flash_attention:
+    gpus = visible_gpus()
+    hardware = hardware_problems(cfg, gpus)
+    if gpus or for_run:
+        problems.extend(hardware)
+    elif hardware:
+        notes.append("GPU checks skipped: no GPU is visible here, and this config needs one for: " + "; ".join(
+            problem.split("`")[1] for problem in hardware
+        ))
+
+    if cfg.flash_attention or cfg.attn_implementation == "flash_attention_2":
         if not cfg.bf16:
             problems.append("`flash_attention: true` needs half precision; set `bf16: true` (flash-attn has no fp32 kernels)")
         if importlib.util.find_spec("flash_attn") is None:
@@ -78,10 +94,13 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config") -> list[str]:
     return notes
 
 
-def _read_model_config(cfg: RunConfig, problems: list[str]) -> dict | None:
+def _read_model_config(cfg: RunConfig, problems: list[str] | None) -> dict | None:
+    """The model's config.json; without one, a problem is added to `problems` (None: only skip)."""
     base = Path(cfg.base_model)
     config_file = base / "config.json"
     if not config_file.is_file():
+        if problems is None:
+            return None
         problems.append(
             f"`base_model`: {cfg.base_model} is not a local model directory with config.json "
             "(loraflow never downloads; build the tiny model with `loraflow tiny-model DIR` or point at a local copy)"

@@ -1,19 +1,33 @@
-"""Training progress where people look: log lines at `logging_steps`, and in the Prefect UI a
-progress artifact that advances with the steps and a table of the loss curve.
+"""Training progress where people look.
+
+- `MetricsRecorder`: `metrics.jsonl` (step, loss, learning rate, grad norm, tokens/s; eval loss and
+  perplexity), appended as training goes and rewritten from the checkpoint's history on resume, so
+  a resumed run's file equals an uninterrupted run's.
+- `TerminalProgressBar`: a tqdm bar with ETA on stderr, only when stderr is a terminal.
+- `PrefectProgressCallback`: log lines at `logging_steps`, and in the Prefect UI a progress artifact
+  that advances with the steps and a table of the loss curve.
+- `save_loss_curve`: the loss-curve PNG kept with the stage's output.
 
 Kept apart from `train.py` so the training logic itself runs (and is tested) without Prefect.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
-from typing import Any
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
 
 from transformers import TrainerCallback
 
 log = logging.getLogger("loraflow.train")
 
+TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "num_input_tokens_seen", "epoch")
+EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_tokens")
 _PROGRESS_UPDATES = 50
 
 
@@ -23,11 +37,100 @@ def artifact_key(run_name: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower()).strip("-")
 
 
+def metric_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The training and evaluation entries of the Trainer's log history, as rows of metrics.jsonl."""
+    records = []
+    for entry in log_history:
+        keys = TRAIN_KEYS if "loss" in entry else EVAL_KEYS if "eval_loss" in entry else ()
+        if keys:
+            records.append({"step": entry["step"], **{key: entry[key] for key in keys if key in entry}})
+    return records
+
+
+def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, path)
+
+
+class MetricsRecorder(TrainerCallback):
+    """Keeps `metrics.jsonl` in step with the Trainer's log history and adds tokens/s to it.
+
+    Tokens/s is measured per logging interval, leaving out time spent evaluating and saving. It is
+    written into the log history itself, so checkpoints carry it and a resumed run keeps the
+    figures of the steps it did not redo. The last step is always logged, so the loss curve (and
+    the train loss averaged from it) covers every step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._since = (0.0, 0)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # On resume the history is the checkpoint's: lines logged after it by the killed run go.
+        write_jsonl_atomic(self.path, metric_records(state.log_history))
+        self._since = (time.monotonic(), state.num_input_tokens_seen)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        entry = state.log_history[-1]
+        if "loss" in entry:
+            started, tokens = self._since
+            now = time.monotonic()
+            entry["tokens_per_second"] = round((state.num_input_tokens_seen - tokens) / max(now - started, 1e-9), 1)
+            self._since = (now, state.num_input_tokens_seen)
+        for record in metric_records([entry]):
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._since = (time.monotonic(), self._since[1])
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._since = (time.monotonic(), self._since[1])
+
+
+class TerminalProgressBar(TrainerCallback):
+    """Steps done, rate, ETA and the last loss, drawn on a terminal (tqdm)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.bar: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=state.max_steps, initial=state.global_step, file=self.stream, desc="train", unit="step"
+        )
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def terminal_progress_bar(stream: TextIO | None = None) -> TerminalProgressBar | None:
+    """A progress bar on `stream` (stderr) when it is a terminal; None under logs, pipes and CI."""
+    stream = stream if stream is not None else sys.stderr
+    return TerminalProgressBar(stream) if stream.isatty() else None
+
+
 class PrefectProgressCallback(TrainerCallback):
     def __init__(self, run_name: str) -> None:
         self.run_name = run_name
         self.artifact_id: Any = None
-        self.loss_rows: list[dict[str, Any]] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from prefect.artifacts import create_progress_artifact
@@ -46,22 +149,49 @@ class PrefectProgressCallback(TrainerCallback):
             update_progress_artifact(self.artifact_id, progress=100.0 * state.global_step / max(state.max_steps, 1))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        logs = logs or {}
-        if "loss" in logs:
-            row = {"step": state.global_step, **{k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs}}
-            self.loss_rows.append(row)
+        entry = state.log_history[-1]
+        if "loss" in entry:
             log.info(
-                "step %d/%d loss %.4f lr %.3g", state.global_step, state.max_steps, logs["loss"], logs.get("learning_rate", 0.0)
+                "step %d/%d loss %.4f lr %.3g grad norm %.3g, %.0f tokens/s", state.global_step, state.max_steps,
+                entry["loss"], entry.get("learning_rate", 0.0), entry.get("grad_norm", float("nan")),
+                entry.get("tokens_per_second", float("nan")),
             )
-        if "eval_loss" in logs:
-            log.info("step %d/%d eval loss %.4f", state.global_step, state.max_steps, logs["eval_loss"])
+        if "eval_loss" in entry:
+            log.info(
+                "step %d/%d eval loss %.4f perplexity %.3f", state.global_step, state.max_steps, entry["eval_loss"],
+                entry.get("eval_perplexity", float("nan")),
+            )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from prefect.artifacts import create_table_artifact
 
-        if self.loss_rows:
+        rows = [record for record in metric_records(state.log_history) if "loss" in record]
+        if rows:
             create_table_artifact(
-                table=self.loss_rows,
+                table=rows,
                 key=artifact_key(self.run_name, "loss-curve"),
-                description="Training loss by step",
+                description="Training loss by step (from the first step, also after a resume)",
             )
+
+
+def save_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Train (and eval) loss by step as a PNG, written to a temporary name and renamed into place."""
+    # The object API, not pyplot: no global backend or figure state in a library.
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4), dpi=100, layout="tight")
+    axes = figure.add_subplot()
+    train = [(record["step"], record["loss"]) for record in records if "loss" in record]
+    evaluations = [(record["step"], record["eval_loss"]) for record in records if "eval_loss" in record]
+    if train:
+        axes.plot(*zip(*train), label="train loss")
+    if evaluations:
+        axes.plot(*zip(*evaluations), marker="o", label="eval loss (val split, token-weighted)")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    figure.savefig(temporary, format="png")
+    os.replace(temporary, path)

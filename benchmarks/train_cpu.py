@@ -1,0 +1,87 @@
+"""Training throughput on CPU: the train stage on the tiny model, LoRA vs QLoRA (nf4, fp32 compute).
+
+Run from the repository root: `.venv/bin/python -m benchmarks.train_cpu` (about a minute on 2 idle
+cores). Both runs go through `tasks.train.run_train` with the quickstart's settings (packed rows of
+512 tokens, micro_batch_size 4, LoRA r=16 on all linear layers), no evaluation and no checkpoints;
+tokens/s is the stage's own figure from metrics.jsonl (input tokens per second of training, padding
+included): the median over the logging intervals after the first (which carries the warm-up), so
+that a burst of other work on a shared machine does not decide the figure.
+The last line printed is one JSON object with every figure.
+"""
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from tasks import prep, train
+from tasks.config import load_config
+from tasks.fingerprint import FileHasher
+from tasks.tiny_model import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
+ROWS = 1000
+STEPS = 30
+LOGGING_STEPS = 3
+
+
+def measure(root: Path, base_model: Path, data: Path, adapter: str) -> dict:
+    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    raw.update(
+        base_model=str(base_model), state_dir=str(root / "state"), output_dir=str(root / "out"), adapter=adapter,
+        max_steps=STEPS, logging_steps=LOGGING_STEPS, save_steps=None, eval_steps=None, val_set_size=0.05,
+    )
+    raw["datasets"][0] = {"path": str(data), "type": "chat_template"}
+    root.mkdir(parents=True, exist_ok=True)
+    config_path = root / f"{adapter}.yaml"
+    config_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(config_path)
+    hasher = FileHasher()
+    prep_fingerprint = prep.fingerprint(cfg, hasher)
+    prep.run_prep(cfg, prep_fingerprint)
+    train_fingerprint = train.fingerprint(cfg, prep_fingerprint, hasher)
+    started = time.perf_counter()
+    manifest = train.run_train(cfg, train_fingerprint, prep_fingerprint)
+    wall_s = time.perf_counter() - started
+    records = [
+        json.loads(line)
+        for line in (Path(cfg.state_dir) / "train" / train_fingerprint / "metrics.jsonl").read_text().splitlines()
+    ]
+    train_records = [record for record in records if "loss" in record]
+    speeds = [record["tokens_per_second"] for record in train_records[1:]]
+    return {
+        "tokens_per_s": round(statistics.median(speeds), 1),
+        "stage_wall_s": round(wall_s, 1),
+        "tokens": manifest["tokens_seen"],
+        "last_loss": round(train_records[-1]["loss"], 4),
+    }
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        base_model = build_tiny_model(root / "tiny", seed=0, corpus_files=[DATA])
+        data = root / "data.jsonl"
+        data.write_bytes(b"".join(DATA.read_bytes().splitlines(keepends=True)[:ROWS]))
+        results = {adapter: measure(root / adapter, base_model, data, adapter) for adapter in ("lora", "qlora")}
+    for adapter, figures in results.items():
+        print(f"{adapter:6s} {figures['tokens_per_s']:9.1f} tokens/s  ({figures['tokens']} tokens, stage {figures['stage_wall_s']} s)")
+    print(json.dumps({
+        "benchmark": "train_cpu",
+        "model": "tiny-llama (4 layers, hidden 128)",
+        "sequence_len": 512, "micro_batch_size": 4, "steps": STEPS, "threads": torch.get_num_threads(),
+        "lora_tokens_per_s": results["lora"]["tokens_per_s"],
+        "qlora_tokens_per_s": results["qlora"]["tokens_per_s"],
+        "qlora_vs_lora": round(results["qlora"]["tokens_per_s"] / results["lora"]["tokens_per_s"], 3),
+        "lora_last_loss": results["lora"]["last_loss"],
+        "qlora_last_loss": results["qlora"]["last_loss"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
