@@ -75,6 +75,8 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bo
             problems.append(
                 "`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false"
             )
+    if cfg.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        problems.append("`liger_kernel: true` but liger-kernel is not installed; install the `gpu` extra or set liger_kernel: false")
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
     if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):

@@ -433,6 +433,8 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> A
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to=reporting_integrations(cfg) or "none",
+        torch_compile=cfg.torch_compile,
+        use_liger_kernel=cfg.liger_kernel,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         # transformers 5 reads a float below 1 as a fraction of the total steps.
