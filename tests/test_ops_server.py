@@ -69,18 +69,18 @@ def base_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0, corpus_files=[QUICKSTART_DATA])
 
 
-def write_config(directory: Path, base_model: Path, stub_url: str) -> Path:
+def write_config(directory: Path, base_model: Path, stub_url: str, name: str = "ops") -> Path:
     raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     data = directory / "data.jsonl"
     data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:300]))
     raw.update(
-        base_model=str(base_model), state_dir=str(directory / "state"), output_dir=str(directory / "outputs"),
+        base_model=str(base_model), state_dir=str(directory / "state"), output_dir=str(directory / "outputs" / name),
         max_steps=6, save_steps=3, contract={"dir": str(REPO / "data_contracts")}, retries={"eval": 0},
     )
     raw["datasets"][0]["path"] = str(data)
     raw["eval"] = {"endpoint": "external", "base_url": stub_url, "model": "tuned", "max_samples": 10, "max_retries": 0,
                    "request_timeout": 5, "labels": ["positive", "negative", "neutral"]}
-    path = directory / "ops.yaml"
+    path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -90,7 +90,7 @@ def loraflow(env: dict, *args: str) -> subprocess.CompletedProcess:
 
 
 def summary_states(config: Path) -> dict[str, str]:
-    summary = json.loads((config.parent / "outputs" / "run_summary.json").read_text())
+    summary = json.loads((config.parent / "outputs" / config.stem / "run_summary.json").read_text())
     return {stage: outcome["state"] for stage, outcome in summary["stages"].items()}
 
 
@@ -101,12 +101,13 @@ def api(env: dict, coroutine_factory):
         return asyncio.run(coroutine_factory())
 
 
-async def latest_flow_run():
+async def latest_flow_run(name_prefix: str = "ops-"):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.sorting import FlowRunSort
 
     async with get_client() as client:
-        return (await client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=1))[0]
+        runs = await client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=20)
+    return next(run for run in runs if run.name.startswith(name_prefix))
 
 
 def latest_task_states(env: dict, flow_run_id) -> dict[str, str]:
@@ -179,12 +180,19 @@ def test_failed_eval_retried_reruns_only_eval(prefect_env, base_model, tmp_path)
         config = write_config(tmp_path, base_model, stub.base_url)
         assert loraflow(prefect_env, "run", str(config)).returncode == 0
 
-    # The endpoint goes down and eval's output is gone: the next run fails in eval.
+    # The endpoint goes down and eval's output is gone: the next run fails in eval. A second
+    # pipeline run beside it (another config, whose endpoint is up) is not stopped by that failure.
     state_dir = tmp_path / "state"
     shutil.rmtree(state_dir / "eval")
     shutil.rmtree(state_dir / "response_cache")
-    failed = loraflow(prefect_env, "run", str(config))
-    assert failed.returncode == 1
+    with StubServer() as live:
+        other = write_config(tmp_path, base_model, live.base_url, name="other")
+        both = loraflow({**prefect_env, "COLUMNS": "200"}, "run", str(config), str(other), "--max-parallel", "2")
+    assert both.returncode == 1
+    outcome_lines = [line for line in both.stdout.splitlines() if "ops.yaml" in line or "other.yaml" in line]
+    assert any("ops.yaml" in line and "failed" in line for line in outcome_lines), both.stdout
+    assert any("other.yaml" in line and "completed" in line for line in outcome_lines), both.stdout
+    assert summary_states(other)["eval"] == "ran"
     flow_run = api(prefect_env, latest_flow_run)
     assert flow_run.state_name == "Failed"
 
