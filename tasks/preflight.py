@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from tasks.config import ConfigError, RunConfig
@@ -81,6 +82,10 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bo
         problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
     if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):
         problems.append("`eval.endpoint: external` needs `eval.base_url` and `eval.model`")
+    key_settings = (("eval.api_key_env", cfg.eval.api_key_env), ("eval.judge.api_key_env", cfg.eval.judge and cfg.eval.judge.api_key_env))
+    for setting, env_name in key_settings:
+        if env_name and not os.environ.get(env_name):
+            problems.append(f"`{setting}` names the environment variable {env_name}, which is not set; export it before running")
     if cfg.eval.endpoint == "vllm":
         from tasks.serving import EndpointUnavailableError, check_vllm_available
 
