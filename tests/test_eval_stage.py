@@ -28,14 +28,6 @@ TUNED_KEY = "sk-canary-tuned-5f1e9c0d4b"
 JUDGE_KEY = "sk-canary-judge-a7d3b0e21f"
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
 def responder(model: str, messages: list[dict]) -> str:
     """`tuned-model` names a label found in the headline, `judge` prefers the answer equal to the
     reference (both orders agree), anything else answers like a base model."""
@@ -71,7 +63,7 @@ def write_config(directory: Path, base_model: Path, base_url: str) -> Path:
     return path
 
 
-def test_external_eval_with_judge_never_leaks_api_keys(prefect_server, tiny_model_dir, tmp_path, monkeypatch, capfd):
+def test_external_eval_with_judge_never_leaks_api_keys(prefect_harness, tiny_model_dir, tmp_path, monkeypatch, capfd):
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
 

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,7 +20,7 @@ import yaml
 from openai_stub import StubServer
 
 from tasks.serving import free_port
-from tasks.tiny_model import build_tiny_model
+from tests.faults.harness import prefect_server
 
 pytestmark = pytest.mark.e2e
 
@@ -37,36 +33,8 @@ SCREENSHOTS = REPO / "test-artifacts"
 @pytest.fixture(scope="module")
 def prefect_env(tmp_path_factory):
     """A real Prefect server on a free port; yields the environment that points clients at it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = free_port()
-    server_env = {
-        **os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
-    }
-    server_env.pop("PREFECT_API_URL", None)
-    log = (home / "server.log").open("wb")
-    server = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    api_url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 90
-    while True:
-        try:
-            with urllib.request.urlopen(f"{api_url}/health", timeout=2):
-                break
-        except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError(f"Prefect server did not start:\n{(home / 'server.log').read_text()[-3000:]}") from None
-            time.sleep(0.5)
-    yield {**server_env, "PREFECT_API_URL": api_url, "LORAFLOW_HOME": str(REPO)}
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0, corpus_files=[QUICKSTART_DATA])
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as env:
+        yield {**env, "LORAFLOW_HOME": str(REPO)}
 
 
 def write_config(directory: Path, base_model: Path, stub_url: str, name: str = "ops") -> Path:
@@ -126,9 +94,9 @@ def latest_task_states(env: dict, flow_run_id) -> dict[str, str]:
     return api(env, read)
 
 
-def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
+def test_run_history_artifacts_and_ui(prefect_env, tiny_model_dir, tmp_path):
     with StubServer() as stub:
-        config = write_config(tmp_path, base_model, stub.base_url)
+        config = write_config(tmp_path, tiny_model_dir, stub.base_url)
         result = loraflow(prefect_env, "run", str(config))
         assert result.returncode == 0, result.stdout + result.stderr
 
@@ -174,10 +142,10 @@ def test_run_history_artifacts_and_ui(prefect_env, base_model, tmp_path):
     assert (SCREENSHOTS / "flow-run.png").stat().st_size > 10_000
 
 
-def test_failed_eval_retried_reruns_only_eval(prefect_env, base_model, tmp_path):
+def test_failed_eval_retried_reruns_only_eval(prefect_env, tiny_model_dir, tmp_path):
     port = free_port()
     with StubServer(port) as stub:
-        config = write_config(tmp_path, base_model, stub.base_url)
+        config = write_config(tmp_path, tiny_model_dir, stub.base_url)
         assert loraflow(prefect_env, "run", str(config)).returncode == 0
 
     # The endpoint goes down and eval's output is gone: the next run fails in eval. A second
@@ -186,7 +154,7 @@ def test_failed_eval_retried_reruns_only_eval(prefect_env, base_model, tmp_path)
     shutil.rmtree(state_dir / "eval")
     shutil.rmtree(state_dir / "response_cache")
     with StubServer() as live:
-        other = write_config(tmp_path, base_model, live.base_url, name="other")
+        other = write_config(tmp_path, tiny_model_dir, live.base_url, name="other")
         both = loraflow({**prefect_env, "COLUMNS": "200"}, "run", str(config), str(other), "--max-parallel", "2")
     assert both.returncode == 1
     outcome_lines = [line for line in both.stdout.splitlines() if "ops.yaml" in line or "other.yaml" in line]

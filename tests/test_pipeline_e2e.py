@@ -17,25 +17,11 @@ import pytest
 import yaml
 
 from tasks.config import load_config
-from tasks.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
-
-
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0, corpus_files=[QUICKSTART_DATA])
 
 
 def write_config(directory: Path, base_model: Path, data: Path, name: str = "run", **overrides) -> Path:
@@ -62,10 +48,10 @@ def states(summary: dict) -> dict[str, str]:
     return {stage: outcome["state"] for stage, outcome in summary["stages"].items()}
 
 
-def test_quickstart_learns_and_reruns_cached(prefect_server, base_model, tmp_path):
+def test_quickstart_learns_and_reruns_cached(prefect_harness, tiny_model_dir, tmp_path):
     from flows.pipeline import pipeline
 
-    config_path = write_config(tmp_path, base_model, QUICKSTART_DATA)
+    config_path = write_config(tmp_path, tiny_model_dir, QUICKSTART_DATA)
     first = pipeline(str(config_path))
     assert states(first) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
     tuned, base = first["eval"]["tuned"], first["eval"]["base"]
@@ -88,24 +74,24 @@ def test_quickstart_learns_and_reruns_cached(prefect_server, base_model, tmp_pat
     assert second["promotion"]["version"] == "v0001"  # a cached re-run registers no new version
 
 
-def test_cache_follows_content_not_paths(prefect_server, base_model, tmp_path):
+def test_cache_follows_content_not_paths(prefect_harness, tiny_model_dir, tmp_path):
     from flows.pipeline import pipeline
 
     data = tmp_path / "data.jsonl"
     data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:400]))
     small = {"max_steps": 12, "save_steps": 6, "eval": {"max_samples": 8}}
-    config_path = write_config(tmp_path, base_model, data, **small)
+    config_path = write_config(tmp_path, tiny_model_dir, data, **small)
     assert states(pipeline(str(config_path))) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
 
     # Moving the data elsewhere changes no content: nothing runs.
     moved = tmp_path / "moved" / "data.jsonl"
     moved.parent.mkdir()
     shutil.copy2(data, moved)
-    moved_config = write_config(tmp_path, base_model, moved, name="moved", **small)
+    moved_config = write_config(tmp_path, tiny_model_dir, moved, name="moved", **small)
     assert set(states(pipeline(str(moved_config))).values()) == {"cached"}
 
     # An eval-only setting: eval (and export, which carries eval's metrics) re-run, nothing upstream.
-    eval_change = write_config(tmp_path, base_model, data, name="eval-change", **{**small, "eval": {"max_samples": 8, "max_tokens": 5}})
+    eval_change = write_config(tmp_path, tiny_model_dir, data, name="eval-change", **{**small, "eval": {"max_samples": 8, "max_tokens": 5}})
     assert states(pipeline(str(eval_change))) == {"prep": "cached", "train": "cached", "eval": "ran", "export": "ran"}
 
     # One byte of one row: every stage runs again.

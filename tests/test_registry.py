@@ -268,10 +268,9 @@ def test_hub_push_is_skipped_offline_and_fails_loudly_otherwise(tmp_path, monkey
     assert registry.read_version(root, "v0003").decision is None
 
 
-def test_promote_task_runs_in_a_flow_and_leaves_an_artifact(tmp_path):
+def test_promote_task_runs_in_a_flow_and_leaves_an_artifact(tmp_path, prefect_harness):
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.testing.utilities import prefect_test_harness
 
     from tasks.export import promote_task
 
@@ -282,10 +281,9 @@ def test_promote_task_runs_in_a_flow_and_leaves_an_artifact(tmp_path):
     def promote_flow() -> dict:
         return promote_task(cfg, manifest["fingerprint"])
 
-    with prefect_test_harness(server_startup_timeout=60):
-        decision = promote_flow()
-        with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts()
+    decision = promote_flow()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
     assert decision["promoted"] and decision["version"] == "v0001" and decision["production"] == "v0001"
     markdown = next(a for a in artifacts if a.key == "sentiment-promotion")
     assert "v0001 promoted to production" in markdown.data

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tasks import prep, train
@@ -18,15 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
-
-
-def test_train_task_reports_progress_loss_table_and_log_lines(prefect_server, tiny_model_dir, tmp_path, caplog):
+def test_train_task_reports_progress_loss_table_and_log_lines(prefect_harness, tiny_model_dir, tmp_path, caplog):
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
