@@ -193,10 +193,7 @@ def _export_merged(
     from transformers import AutoModelForCausalLM
 
     settings = cfg.export
-    stop_ids = end_of_turn_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
-    reference = model_outputs(adapter_model, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+    adapter_model, reference, stop_ids, pad_id = _trained_model_outputs(cfg, adapter_dir, tokenizer, prompts, qlora, reference_dtype)
 
     merge_started = time.monotonic()
     if qlora:
@@ -225,14 +222,22 @@ def _export_merged(
     )
 
 
+def _trained_model_outputs(
+    cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], qlora: bool, reference_dtype: str
+) -> tuple[Any, ModelOutputs, list[int], int]:
+    """The model as trained (adapter on its base, nf4 for QLoRA) and its outputs on the verify
+    prompts: the reference every exported form is checked against."""
+    stop_ids = end_of_turn_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    return adapter_model, model_outputs(adapter_model, prompts, cfg.export.verify_max_new_tokens, stop_ids, pad_id), stop_ids, pad_id
+
+
 def _export_adapter(
     cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], out_dir: Path, qlora: bool, reference_dtype: str
 ) -> dict[str, Any]:
     settings = cfg.export
-    stop_ids = end_of_turn_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
-    reference = model_outputs(adapter_model, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
+    adapter_model, reference, stop_ids, pad_id = _trained_model_outputs(cfg, adapter_dir, tokenizer, prompts, qlora, reference_dtype)
     changes = record_adapter_deltas(adapter_model)
     del adapter_model
 
