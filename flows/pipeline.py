@@ -11,6 +11,7 @@ have outputs for the current fingerprints, and are reused, not re-run.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,9 @@ from tasks.fingerprint import FileHasher
 from tasks.preflight import preflight
 
 SUMMARY = "run_summary.json"
+# The stages log progress at INFO under `loraflow.*` (PREFECT_LOGGING_EXTRA_LOGGERS routes them to the
+# UI); left at the root's WARNING, those lines would be dropped before any handler saw them.
+logging.getLogger("loraflow").setLevel(logging.INFO)
 # Stages that hold an accelerator: a Prefect tag concurrency limit named `gpu` queues them.
 GPU_TAG = "gpu"
 GPU_STAGES = ("train", "eval", "export")

@@ -116,6 +116,19 @@ def test_run_history_artifacts_and_ui(prefect_env, tiny_model_dir, tmp_path):
             artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
         return {artifact.key for artifact in artifacts if artifact.key}
 
+    async def log_lines():
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        async with get_client() as client:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])), limit=200)
+        return [log.message for log in logs]
+
+    # The stages' own INFO lines reach the run's logs in the UI, training progress included.
+    lines = api(prefect_env, log_lines)
+    assert any(line.startswith("prep: 300 rows in") for line in lines), lines
+    assert any(line.startswith("step 6/6 loss") for line in lines), lines
+
     keys = api(prefect_env, artifact_keys)
     assert {"ops-prep-report", "ops-data-contract", "ops-train-progress", "ops-loss-curve", "ops-eval-metrics",
             "ops-eval-comparison", "ops-promotion", "ops-run-summary"} <= keys
