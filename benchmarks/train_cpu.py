@@ -1,11 +1,13 @@
-"""Training throughput on CPU: the train stage on the tiny model, LoRA vs QLoRA (nf4, fp32 compute).
+"""Training throughput on CPU: the train stage on the tiny model, LoRA vs QLoRA (nf4, fp32 compute),
+and LoRA in two processes (`accelerate launch`, DDP over gloo) against LoRA in one.
 
-Run from the repository root: `.venv/bin/python -m benchmarks.train_cpu` (about a minute on 2 idle
-cores). Both runs go through `tasks.train.run_train` with the quickstart's settings (packed rows of
-512 tokens, micro_batch_size 4, LoRA r=16 on all linear layers), no evaluation and no checkpoints;
+Run from the repository root: `.venv/bin/python -m benchmarks.train_cpu` (about two minutes on 2 idle
+cores). Every run goes through `tasks.train.run_train` with the quickstart's settings (packed rows of
+512 tokens, micro_batch_size 4 per process, LoRA r=16 on all linear layers), no evaluation and no checkpoints;
 tokens/s is the stage's own figure from metrics.jsonl (input tokens per second of training, padding
 included): the median over the logging intervals after the first (which carries the warm-up), so
-that a burst of other work on a shared machine does not decide the figure.
+that a burst of other work on a shared machine does not decide the figure. For two processes it
+counts the tokens of both (twice the tokens per step); the stage's wall time includes starting them.
 The last line printed is one JSON object with every figure.
 """
 
@@ -30,15 +32,16 @@ STEPS = 30
 LOGGING_STEPS = 3
 
 
-def measure(root: Path, base_model: Path, data: Path, adapter: str) -> dict:
+def measure(root: Path, base_model: Path, data: Path, adapter: str, processes: int = 1) -> dict:
     raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     raw.update(
         base_model=str(base_model), state_dir=str(root / "state"), output_dir=str(root / "out"), adapter=adapter,
         max_steps=STEPS, logging_steps=LOGGING_STEPS, save_steps=None, eval_steps=None, val_set_size=0.05,
+        num_processes=processes,
     )
     raw["datasets"][0] = {"path": str(data), "type": "chat_template"}
     root.mkdir(parents=True, exist_ok=True)
-    config_path = root / f"{adapter}.yaml"
+    config_path = root / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(config_path)
     hasher = FileHasher()
@@ -69,8 +72,9 @@ def main() -> None:
         data = root / "data.jsonl"
         data.write_bytes(b"".join(DATA.read_bytes().splitlines(keepends=True)[:ROWS]))
         results = {adapter: measure(root / adapter, base_model, data, adapter) for adapter in ("lora", "qlora")}
-    for adapter, figures in results.items():
-        print(f"{adapter:6s} {figures['tokens_per_s']:9.1f} tokens/s  ({figures['tokens']} tokens, stage {figures['stage_wall_s']} s)")
+        results["lora_ddp2"] = measure(root / "lora_ddp2", base_model, data, "lora", processes=2)
+    for name, figures in results.items():
+        print(f"{name:9s} {figures['tokens_per_s']:9.1f} tokens/s  ({figures['tokens']} tokens, stage {figures['stage_wall_s']} s)")
     print(json.dumps({
         "benchmark": "train_cpu",
         "model": "tiny-llama (4 layers, hidden 128)",
@@ -78,6 +82,10 @@ def main() -> None:
         "lora_tokens_per_s": results["lora"]["tokens_per_s"],
         "qlora_tokens_per_s": results["qlora"]["tokens_per_s"],
         "qlora_vs_lora": round(results["qlora"]["tokens_per_s"] / results["lora"]["tokens_per_s"], 3),
+        "lora_ddp2_tokens_per_s": results["lora_ddp2"]["tokens_per_s"],
+        "ddp2_vs_lora": round(results["lora_ddp2"]["tokens_per_s"] / results["lora"]["tokens_per_s"], 3),
+        "lora_stage_wall_s": results["lora"]["stage_wall_s"],
+        "lora_ddp2_stage_wall_s": results["lora_ddp2"]["stage_wall_s"],
         "lora_last_loss": results["lora"]["last_loss"],
         "qlora_last_loss": results["qlora"]["last_loss"],
     }))

@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from flows import ops_cli
 from flows.registry_cli import registry_app
@@ -54,12 +55,16 @@ def _load_checked(config_path: Path, for_run: bool = True) -> RunConfig:
 @app.command()
 def validate(config: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
     """Check a config and everything that can be checked without loading data or weights; estimate peak GPU memory."""
+    from tasks.launch import plan_processes, zero_stage
     from tasks.memory import describe_estimate, estimate_peak_memory, read_model_config, visible_gpus
 
     cfg = _load_checked(config, for_run=False)
     model_config = read_model_config(cfg)
     if model_config is not None:
-        for line in describe_estimate(cfg, estimate_peak_memory(cfg, model_config), visible_gpus()):
+        gpus = visible_gpus()
+        processes = plan_processes(cfg, gpus).processes
+        estimate = estimate_peak_memory(cfg, model_config, processes, zero_stage(cfg))
+        for line in describe_estimate(cfg, estimate, gpus, processes):
             console.print(line)
     console.print(f"{config}: OK")
 
@@ -101,7 +106,8 @@ def _print_outcomes(outcomes: list) -> None:
         table.add_column(column)
     for outcome in outcomes:
         detail = outcome.error or str(Path(outcome.summary_path))
-        table.add_row(str(outcome.config), "failed" if outcome.error else "completed", detail)
+        # Text, not markup: an error's traceback holds [brackets] that rich would read as tags.
+        table.add_row(str(outcome.config), "failed" if outcome.error else "completed", Text(detail))
     console.print(table)
 
 

@@ -28,9 +28,6 @@ class StrictModel(BaseModel):
 
 # Axolotl keys we recognise but do not implement: naming them is kinder than "unknown key".
 UNSUPPORTED_AXOLOTL_KEYS = {
-    "deepspeed": "DeepSpeed launch is not supported yet; remove `deepspeed` to train on one device",
-    "fsdp": "FSDP is not supported yet; remove `fsdp` to train on one device",
-    "fsdp_config": "FSDP is not supported yet; remove `fsdp_config`",
     "load_in_8bit": "8-bit loading is not supported; use `adapter: qlora` (4-bit nf4) or plain `lora`",
     "rl": "preference tuning (`rl`) is not supported; loraflow does supervised fine-tuning",
     "special_tokens": "adding special tokens is not supported; the base tokenizer is used as is",
@@ -240,6 +237,48 @@ class ExportConfig(StrictModel):
         return self
 
 
+class FsdpConfig(StrictModel):
+    """FSDP2 settings handed to the Trainer (transformers' `fsdp_config`). Axolotl's `fsdp_`-prefixed
+    names are accepted. Checkpoints and the adapter use full state dicts: LoRA weights are small."""
+
+    version: Literal[2] = Field(2, description="FSDP2 (`fully_shard`); transformers deprecates FSDP1.")
+    auto_wrap_policy: Literal["TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP"] = "TRANSFORMER_BASED_WRAP"
+    transformer_layer_cls_to_wrap: list[str] | None = Field(
+        None, description="Decoder layer classes to shard one by one, e.g. [LlamaDecoderLayer]; default: the model's own."
+    )
+    min_num_params: int = Field(0, ge=0, description="Smallest module wrapped by SIZE_BASED_WRAP.")
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered weights after forward (full_shard); false keeps them until backward (shard_grad_op)."
+    )
+    cpu_offload: bool = Field(False, description="Keep sharded parameters in CPU memory.")
+    cpu_ram_efficient_loading: bool = Field(False, description="Load weights on the first process only and broadcast them.")
+    activation_checkpointing: bool = Field(False, description="FSDP's own activation checkpointing (instead of gradient_checkpointing).")
+    state_dict_type: Literal["FULL_STATE_DICT"] = "FULL_STATE_DICT"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _axolotl_names(cls, data: Any) -> Any:
+        """`fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer`, `fsdp_offload_params`,
+        `fsdp_sharding_strategy`, as Axolotl writes them."""
+        if not isinstance(data, dict):
+            return data
+        named = {str(key).removeprefix("fsdp_"): value for key, value in data.items()}
+        if "offload_params" in named:
+            named["cpu_offload"] = named.pop("offload_params")
+        strategy = named.pop("sharding_strategy", None)
+        if strategy is not None:
+            if str(strategy).upper() not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+                raise ValueError(f"`fsdp_config.sharding_strategy` {strategy!r}: FSDP2 supports FULL_SHARD and SHARD_GRAD_OP")
+            named.setdefault("reshard_after_forward", str(strategy).upper() == "FULL_SHARD")
+        if isinstance(named.get("transformer_layer_cls_to_wrap"), str):
+            named["transformer_layer_cls_to_wrap"] = [named["transformer_layer_cls_to_wrap"]]
+        return named
+
+
+# Axolotl's (and transformers') `fsdp:` list options; folded into FsdpConfig.
+FSDP_OPTIONS = Literal["full_shard", "shard_grad_op", "offload", "auto_wrap"]
+
+
 class ScheduleConfig(StrictModel):
     cron: str = Field("0 2 * * *", description="Nightly schedule of the deployment.")
     timezone: str = Field("UTC")
@@ -327,6 +366,19 @@ class RunConfig(StrictModel):
     liger_kernel: bool = Field(
         False, description="Liger kernels (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy): less GPU memory; needs liger-kernel."
     )
+    # processes
+    num_processes: int | None = Field(
+        None, ge=1,
+        description="Training processes, started with `accelerate launch` when more than one; default: one per visible GPU. "
+        "micro_batch_size is per process. On a CPU, several processes train with DDP over gloo.",
+    )
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON config (ZeRO-2/3); its `auto` values are filled from this config. Needs GPUs."
+    )
+    fsdp: list[FSDP_OPTIONS] | None = Field(
+        None, description="FSDP, as Axolotl writes it: [full_shard, auto_wrap] (or shard_grad_op, offload). Needs GPUs."
+    )
+    fsdp_config: FsdpConfig | None = Field(None, description="FSDP details; setting it switches FSDP on like `fsdp`.")
     # checkpoints and logging
     save_steps: int | None = Field(None, ge=1)
     save_total_limit: int | None = Field(2, ge=1)
@@ -378,6 +430,28 @@ class RunConfig(StrictModel):
         return data
 
     @model_validator(mode="after")
+    def _fsdp_options_into_config(self) -> RunConfig:
+        """`fsdp: [...]` and `fsdp_config:` become one FsdpConfig (None: no FSDP)."""
+        if self.fsdp is None:
+            return self
+        if "full_shard" in self.fsdp and "shard_grad_op" in self.fsdp:
+            raise ValueError("`fsdp`: choose one of full_shard and shard_grad_op")
+        # As transformers reads them: `auto_wrap` is the default policy already.
+        settings = self.fsdp_config or FsdpConfig()
+        if "shard_grad_op" in self.fsdp:
+            settings.reshard_after_forward = False
+        if "offload" in self.fsdp:
+            settings.cpu_offload = True
+        self.fsdp_config, self.fsdp = settings, None
+        return self
+
+    @model_validator(mode="after")
+    def _one_distribution_strategy(self) -> RunConfig:
+        if self.deepspeed and self.fsdp_config is not None:
+            raise ValueError("`deepspeed` and `fsdp` both shard the model; keep one of them")
+        return self
+
+    @model_validator(mode="after")
     def _one_attention_choice(self) -> RunConfig:
         if self.flash_attention and self.attn_implementation not in ("auto", "flash_attention_2"):
             raise ValueError(
@@ -398,8 +472,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "lora_target_modules", "lora_modules_to_save", "lora_config", "micro_batch_size",
         "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
         "warmup_ratio", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm", "bf16",
-        "tf32", "flash_attention", "attn_implementation", "gradient_checkpointing", "torch_compile", "liger_kernel", "save_steps",
-        "save_total_limit", "eval_steps", "logging_steps",
+        "tf32", "flash_attention", "attn_implementation", "gradient_checkpointing", "torch_compile", "liger_kernel",
+        "num_processes", "deepspeed", "fsdp", "fsdp_config", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
     ),
     "eval": ("eval",),
     "export": ("export", "hub_model_id"),
@@ -410,9 +484,10 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
 
 def stage_settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """The part of the config that decides one stage's output, as plain JSON-able data."""
-    # Locations are left out: moving the data or the contracts must not invalidate a stage.
-    dumped = cfg.model_dump(mode="json", exclude={"datasets": {"__all__": {"path"}}, "contract": {"dir"}})
-    return {name: dumped[name] for name in STAGE_FIELDS[stage]}
+    # Locations are left out: moving the data, the contracts or the DeepSpeed JSON must not invalidate a
+    # stage (the train fingerprint hashes that file's content instead).
+    dumped = cfg.model_dump(mode="json", exclude={"datasets": {"__all__": {"path"}}, "contract": {"dir"}, "deepspeed": True})
+    return {name: dumped[name] for name in STAGE_FIELDS[stage] if name in dumped}
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -77,8 +77,10 @@ def read_model_config(cfg: RunConfig) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def estimate_peak_memory(cfg: RunConfig, model_config: dict[str, Any]) -> dict[str, float]:
-    """Peak GPU memory of one training process for `cfg`, by part, in GB.
+def estimate_peak_memory(
+    cfg: RunConfig, model_config: dict[str, Any], processes: int = 1, zero_stage: int | None = None
+) -> dict[str, float]:
+    """Peak GPU memory of one of `processes` training processes for `cfg`, by part, in GB.
 
     - `weights`: the base model. LoRA holds every weight in the compute dtype (bf16 with `bf16`,
       else fp32). QLoRA holds the decoder's linear layers in nf4 (double quant) and the rest
@@ -95,6 +97,9 @@ def estimate_peak_memory(cfg: RunConfig, model_config: dict[str, Any]) -> dict[s
       checkpointing only each layer's input is kept, plus one layer's full set while it is recomputed.
     - `logits`: tokens x vocab in the compute dtype, their fp32 log-softmax and its gradient.
     - `cuda_context`: a fixed allowance.
+    Sharding across processes divides the optimizer state (ZeRO-1), also the gradients (ZeRO-2),
+    also the weights and trainable weights (ZeRO-3, FSDP, which gather one decoder layer's weights
+    at a time: `gathered_layer`; QLoRA then keeps its unquantized weights in the compute dtype).
     Tokens per step are `micro_batch_size * sequence_len` (packed rows are full). Biases are
     ignored (under 0.01% of the weights).
     """
@@ -106,9 +111,10 @@ def estimate_peak_memory(cfg: RunConfig, model_config: dict[str, Any]) -> dict[s
     embedding_params = shape.vocab * shape.hidden
     other_params = (1 if shape.tied_embeddings else 2) * embedding_params + (2 * shape.layers + 1) * shape.hidden
 
+    shards_weights = cfg.fsdp_config is not None or zero_stage == 3
     if cfg.load_in_4bit:
-        weights = linear_params * NF4_BYTES_PER_PARAM + other_params * 4
-        unquantized_bytes = 4
+        unquantized_bytes = compute_bytes if shards_weights else 4
+        weights = linear_params * NF4_BYTES_PER_PARAM + other_params * unquantized_bytes
     else:
         weights = (linear_params + other_params) * compute_bytes
         unquantized_bytes = compute_bytes
@@ -129,11 +135,15 @@ def estimate_peak_memory(cfg: RunConfig, model_config: dict[str, Any]) -> dict[s
     activations_checkpointed = tokens * (shape.layers * shape.hidden * compute_bytes + layer_bytes)
     logits = tokens * shape.vocab * (compute_bytes + 4 + 4)
 
+    optimizer_shards = processes if shards_weights or (zero_stage or 0) >= 1 else 1
+    gradient_shards = processes if shards_weights or (zero_stage or 0) >= 2 else 1
+    weight_shards = processes if shards_weights else 1
     breakdown = {
-        "weights": weights,
-        "trainable": trainable,
-        "gradients": trainable,
-        "optimizer": optimizer,
+        "weights": weights / weight_shards,
+        "gathered_layer": (weights - other_params * unquantized_bytes) / shape.layers if shards_weights else 0.0,
+        "trainable": trainable / weight_shards,
+        "gradients": trainable / gradient_shards,
+        "optimizer": optimizer / optimizer_shards,
         "activations_without_checkpointing": activations_full,
         "activations_with_checkpointing": activations_checkpointed,
         "logits": logits,
@@ -142,7 +152,7 @@ def estimate_peak_memory(cfg: RunConfig, model_config: dict[str, Any]) -> dict[s
     breakdown["cuda_context"] = CUDA_CONTEXT_GB
     activations = "activations_with_checkpointing" if cfg.gradient_checkpointing else "activations_without_checkpointing"
     breakdown["peak"] = sum(breakdown[name] for name in (
-        "weights", "trainable", "gradients", "optimizer", activations, "logits", "cuda_context"
+        "weights", "gathered_layer", "trainable", "gradients", "optimizer", activations, "logits", "cuda_context"
     ))
     return breakdown
 
@@ -155,14 +165,16 @@ def target_linear_modules(targets: list[str] | str) -> list[str]:
     return [name for name in LINEAR_MODULES if name in names]
 
 
-def describe_estimate(cfg: RunConfig, breakdown: dict[str, float], gpus: list[GpuInfo]) -> list[str]:
+def describe_estimate(cfg: RunConfig, breakdown: dict[str, float], gpus: list[GpuInfo], processes: int = 1) -> list[str]:
     """Lines for `loraflow validate`: the breakdown, and a warning when the peak exceeds the smallest visible GPU."""
     chosen = "with" if cfg.gradient_checkpointing else "without"  # what the peak counts
+    per_process = f" per process, {processes} processes" if processes > 1 else ""
+    gathered = f", one gathered layer {breakdown['gathered_layer']:.2f} GB" if breakdown["gathered_layer"] else ""
     lines = [
         f"estimated peak GPU memory: {breakdown['peak']:.1f} GB "
-        f"({cfg.adapter}, micro_batch_size {cfg.micro_batch_size} x sequence_len {cfg.sequence_len}, "
+        f"({cfg.adapter}{per_process}, micro_batch_size {cfg.micro_batch_size} x sequence_len {cfg.sequence_len}, "
         f"gradient_checkpointing {'on' if cfg.gradient_checkpointing else 'off'})",
-        f"  weights {breakdown['weights']:.2f} GB, trainable {breakdown['trainable']:.2f} GB, "
+        f"  weights {breakdown['weights']:.2f} GB{gathered}, trainable {breakdown['trainable']:.2f} GB, "
         f"gradients {breakdown['gradients']:.2f} GB, optimizer {breakdown['optimizer']:.2f} GB",
         f"  activations {breakdown['activations_without_checkpointing']:.2f} GB without checkpointing, "
         f"{breakdown['activations_with_checkpointing']:.2f} GB with (the peak counts {chosen}); "
@@ -200,10 +212,12 @@ def memory_knobs(cfg: RunConfig) -> str:
     return "lower memory with " + "; ".join(knobs) if knobs else "every memory setting is already at its lowest"
 
 
-def out_of_memory_advice(cfg: RunConfig, model_config: dict[str, Any] | None) -> str:
+def out_of_memory_advice(
+    cfg: RunConfig, model_config: dict[str, Any] | None, processes: int = 1, zero_stage: int | None = None
+) -> str:
     estimate = ""
     if model_config is not None:
-        estimate = f" (estimated peak {estimate_peak_memory(cfg, model_config)['peak']:.1f} GB)"
+        estimate = f" (estimated peak {estimate_peak_memory(cfg, model_config, processes, zero_stage)['peak']:.1f} GB)"
     return f"training ran out of memory{estimate}: {memory_knobs(cfg)}"
 
 
@@ -242,7 +256,21 @@ def hardware_problems(cfg: RunConfig, gpus: list[GpuInfo]) -> list[str]:
             )
         if cfg.optimizer in GPU_ONLY_OPTIMIZERS:
             problems.append(f"`optimizer: {cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
+        if cfg.deepspeed:
+            problems.append(
+                "`deepspeed` needs CUDA GPUs and none is visible; remove it (on a CPU, `num_processes: 2` trains with DDP over gloo)"
+            )
+        if cfg.fsdp_config is not None:
+            problems.append(
+                "`fsdp` needs CUDA GPUs and none is visible (the Trainer would silently fall back to DDP); "
+                "remove `fsdp` and `fsdp_config`"
+            )
         return problems
+    if cfg.num_processes and cfg.num_processes > len(gpus):
+        problems.append(
+            f"`num_processes` {cfg.num_processes} but {len(gpus)} GPU(s) are visible; set num_processes: {len(gpus)} "
+            "or leave it unset (one process per visible GPU)"
+        )
     old = [gpu for gpu in gpus if gpu.compute_capability < 8.0]
     if old:
         names = ", ".join(f"{gpu.name} (compute capability {gpu.compute_capability})" for gpu in old)

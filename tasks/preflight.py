@@ -15,6 +15,7 @@ from pathlib import Path
 from tasks.config import ConfigError, RunConfig
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
+from tasks.launch import deepspeed_problems, plan_processes
 from tasks.memory import hardware_problems, visible_gpus
 
 
@@ -76,6 +77,16 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bo
             problems.append(
                 "`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false"
             )
+    processes = plan_processes(cfg, gpus).processes
+    if cfg.deepspeed:
+        problems.extend(deepspeed_problems(cfg, processes))
+        if importlib.util.find_spec("deepspeed") is None and (gpus or for_run):
+            problems.append("`deepspeed` is set but DeepSpeed is not installed; install the `gpu` extra (or `pip install deepspeed`)")
+    if cfg.fsdp_config is not None and processes < 2 and (gpus or for_run):
+        problems.append(
+            f"`fsdp` shards the model across processes but {processes} will run; use two or more GPUs "
+            "(`num_processes`), or drop `fsdp` and save memory with `adapter: qlora` / `gradient_checkpointing: true`"
+        )
     if cfg.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         problems.append("`liger_kernel: true` but liger-kernel is not installed; install the `gpu` extra or set liger_kernel: false")
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:

@@ -7,6 +7,8 @@
 - `PrefectProgressCallback`: log lines at `logging_steps`, and in the Prefect UI a progress artifact
   that advances with the steps and a table of the loss curve.
 - `save_loss_curve`: the loss-curve PNG kept with the stage's output.
+- `ProgressFile` / `ProgressReplay`: when training runs in launched processes, the main one writes
+  `progress.json` and the train task replays it and `metrics.jsonl` to the callbacks above.
 
 Kept apart from `train.py` so the training logic itself runs (and is tested) without Prefect.
 """
@@ -26,6 +28,8 @@ from transformers import TrainerCallback
 
 log = logging.getLogger("loraflow.train")
 
+METRICS = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "num_input_tokens_seen", "epoch")
 EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_tokens")
 _PROGRESS_UPDATES = 50
@@ -59,7 +63,13 @@ class MetricsRecorder(TrainerCallback):
     Tokens/s is measured per logging interval, leaving out time spent evaluating and saving. It is
     written into the log history itself, so checkpoints carry it and a resumed run keeps the
     figures of the steps it did not redo. The last step is always logged, so the loss curve (and
-    the train loss averaged from it) covers every step.
+    the train loss averaged from it) covers every step; so is every checkpoint's step, because the
+    Trainer does not checkpoint a half-finished logging interval: a run resumed from a checkpoint
+    inside one would log a mean over fewer steps than the uninterrupted run.
+
+    Runs in every training process, because logging gathers the loss from all of them: a last-step
+    log asked for by one process alone would leave it waiting for the others forever. Only the
+    main process writes the file.
     """
 
     def __init__(self, path: Path) -> None:
@@ -68,11 +78,12 @@ class MetricsRecorder(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # On resume the history is the checkpoint's: lines logged after it by the killed run go.
-        write_jsonl_atomic(self.path, metric_records(state.log_history))
+        if state.is_world_process_zero:
+            write_jsonl_atomic(self.path, metric_records(state.log_history))
         self._since = (time.monotonic(), state.num_input_tokens_seen)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.global_step >= state.max_steps:
+        if state.global_step >= state.max_steps or control.should_save:
             control.should_log = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -82,6 +93,8 @@ class MetricsRecorder(TrainerCallback):
             now = time.monotonic()
             entry["tokens_per_second"] = round((state.num_input_tokens_seen - tokens) / max(now - started, 1e-9), 1)
             self._since = (now, state.num_input_tokens_seen)
+        if not state.is_world_process_zero:
+            return
         for record in metric_records([entry]):
             with self.path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -195,3 +208,85 @@ def save_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     figure.savefig(temporary, format="png")
     os.replace(temporary, path)
+
+
+class ProgressFile(TrainerCallback):
+    """`progress.json` (step, max_steps), rewritten at every step by the main launched process;
+    `metrics.jsonl` carries the rest. Listed after MetricsRecorder, so that once this file exists
+    metrics.jsonl holds this run's history."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(state)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._write(state)
+
+    def _write(self, state: Any) -> None:
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"global_step": state.global_step, "max_steps": state.max_steps}))
+        os.replace(temporary, self.path)
+
+
+class ProgressReplay:
+    """Replays the progress files of launched training processes as Trainer callback events
+    (train begin, step end, log, train end) to callbacks in this process. They see a TrainerState
+    with `global_step`, `max_steps` and `log_history`; `args` is None."""
+
+    def __init__(self, work_dir: Path, callbacks: list[Any]) -> None:
+        from transformers import TrainerControl
+
+        self.work_dir = work_dir
+        self.callbacks = callbacks
+        self.control = TrainerControl()
+        self.state: Any = None
+        self.start_step = 0
+        self.delivered = 0
+
+    def poll(self) -> None:
+        from transformers import TrainerState
+
+        try:
+            progress = json.loads((self.work_dir / PROGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            return
+        if self.state is None:
+            self.state = TrainerState(global_step=progress["global_step"], max_steps=progress["max_steps"])
+            self.start_step = progress["global_step"]
+            self._emit("on_train_begin")
+        new = [record for record in self._records() if record["step"] > self.start_step][self.delivered:]
+        for record in new:
+            if record["step"] > progress["global_step"]:
+                break
+            self._advance(record["step"])
+            self.state.log_history.append(record)
+            self.delivered += 1
+            self._emit("on_log", logs=record)
+        self._advance(progress["global_step"])
+
+    def finish(self, published_dir: Path) -> None:
+        """After the processes exited cleanly and published their output: the last events, and
+        train end with the whole history."""
+        self.work_dir = published_dir
+        self.poll()
+        if self.state is not None:
+            self.state.log_history = self._records()
+            self._emit("on_train_end")
+
+    def _records(self) -> list[dict[str, Any]]:
+        try:
+            lines = (self.work_dir / METRICS).read_text().splitlines()
+        except OSError:
+            return []
+        return [json.loads(line) for line in lines if line.endswith("}")]  # the last line may be half written
+
+    def _advance(self, step: int) -> None:
+        if step > self.state.global_step:
+            self.state.global_step = step
+            self._emit("on_step_end")
+
+    def _emit(self, event: str, **kwargs: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(None, self.state, self.control, **kwargs)

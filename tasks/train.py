@@ -1,8 +1,8 @@
 """train: LoRA / QLoRA with peft and the transformers Trainer on packed rows, resumable.
 
 The Trainer owns devices, precision, the optimizer and the data order; this module decides what it
-is given, when a checkpoint counts as complete, and how the val split is scored. What a user can
-rely on:
+is given and how the val split is scored (`tasks/checkpoints.py` decides when a checkpoint
+counts). What a user can rely on:
 
 - Training runs inside the stage's `.partial` directory. Every `save_steps` a checkpoint (adapter,
   optimizer, scheduler, RNG states, data position) is written and then marked complete; only
@@ -12,40 +12,39 @@ rely on:
 - `eval_loss` is token-weighted over the whole val split (sum of token losses / trained tokens),
   so packed and unpacked val rows of the same samples score the same.
 - QLoRA trains on a CPU too (nf4, double quant, fp32 compute), also across evaluations.
+- Several processes (GPUs, `num_processes`, DeepSpeed, FSDP) train through `accelerate launch`
+  (`tasks/launch.py`) with the same checkpoints, resumption, metrics and manifest; the val split
+  is scored in each process (every process must take part in sharded forward passes).
 - Errors: `TrainError` for a setting this machine cannot run, `TrainingOutOfMemoryError` with the
   settings to turn when memory runs out.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from prefect import task
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from tasks import store
+from tasks.checkpoints import CheckpointKeeper, checkpoint_step, discard_all, latest_complete_checkpoint, prepare_resume
 from tasks.config import RunConfig, stage_settings
 from tasks.fingerprint import FileHasher, code_version, hash_json
-from tasks.memory import GPU_ONLY_OPTIMIZERS, out_of_memory_advice, read_model_config
+from tasks.launch import plan_processes, read_deepspeed_config, run_launched, zero_stage
+from tasks.memory import GPU_ONLY_OPTIMIZERS, out_of_memory_advice, read_model_config, visible_gpus
 from tasks.packing import IGNORE_INDEX, PackedCollator
-from tasks.progress import MetricsRecorder, metric_records, save_loss_curve, terminal_progress_bar, write_jsonl_atomic
+from tasks.progress import METRICS, MetricsRecorder, metric_records, save_loss_curve, terminal_progress_bar, write_jsonl_atomic
 from tasks.shards import load_shards
 
 log = logging.getLogger("loraflow.train")
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
-METRICS = "metrics.jsonl"
 LOSS_CURVE = "loss_curve.png"
-# Written after every other file of a checkpoint is on disk: a checkpoint without it is torn.
-COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 class TrainError(RuntimeError):
@@ -57,53 +56,79 @@ class TrainingOutOfMemoryError(TrainError):
 
 
 def fingerprint(cfg: RunConfig, prep_fingerprint: str, hasher: FileHasher) -> str:
+    plan = plan_processes(cfg)
     return hash_json({
         "settings": stage_settings(cfg, "train"),
         "prep": prep_fingerprint,
         "base_model": hasher.tree(Path(cfg.base_model)),
-        "code": code_version("train", "progress", "packing", "shards"),
+        # The effective batch is per process: other process counts train another model.
+        "processes": plan.processes,
+        "deepspeed": read_deepspeed_config(cfg) if cfg.deepspeed else None,
+        "code": code_version("train", "checkpoints", "launch", "progress", "packing", "shards"),
     })
 
 
 def run_train(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """The train stage: its manifest, from a finished output or after training (resumed when a
+    killed run left checkpoints). Trains here, or in processes started with `accelerate launch`."""
     final_dir = store.stage_dir(cfg, "train", fingerprint)
     if (existing := store.read_manifest(final_dir)) is not None:
         return existing
+    if cfg.optimizer in GPU_ONLY_OPTIMIZERS and not visible_gpus():
+        raise TrainError(f"`optimizer: {cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
+    store.require_manifest(cfg, "prep", prep_fingerprint)
+    work_dir = store.partial_dir(final_dir)
+    checkpoint_root = work_dir / CHECKPOINTS
+    checkpoint_root.mkdir(parents=True, exist_ok=True)
+    prepare_resume(checkpoint_root)
+    plan = plan_processes(cfg)
+    if not plan.launched:
+        return train_and_publish(cfg, fingerprint, prep_fingerprint, callbacks)
+    run_launched(cfg, plan, fingerprint, prep_fingerprint, work_dir, callbacks or [])
+    manifest = store.read_manifest(final_dir)
+    if manifest is None:
+        raise TrainError(f"the training processes exited cleanly but published no output in {final_dir}")
+    return manifest
+
+
+def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks: list[Any] | None = None) -> dict[str, Any] | None:
+    """Trains from the newest complete checkpoint (if any) and publishes the stage's output.
+
+    Runs in every training process; the main process writes metrics and the output and returns the
+    manifest, the others return None."""
     started = time.monotonic()
+    final_dir = store.stage_dir(cfg, "train", fingerprint)
     prep_manifest = store.require_manifest(cfg, "prep", prep_fingerprint)
     prep_dir = store.stage_dir(cfg, "prep", prep_fingerprint)
     work_dir = store.partial_dir(final_dir)
     checkpoint_root = work_dir / CHECKPOINTS
-    checkpoint_root.mkdir(parents=True, exist_ok=True)
 
     import torch
     from accelerate.utils.memory import should_reduce_batch_size
     from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
 
-    if cfg.optimizer in GPU_ONLY_OPTIMIZERS and not torch.cuda.is_available():
-        raise TrainError(f"`optimizer: {cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
     torch.manual_seed(cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-    model = load_model_for_training(cfg)
     train_rows = load_shards(prep_dir, prep_manifest["train_shards"])
     val_rows = load_shards(prep_dir, prep_manifest["val_shards"]) if prep_manifest["val_rows"] else None
-
+    # Before the model: under ZeRO-3 the model loads straight into shards only once DeepSpeed's config exists.
+    arguments = training_arguments(cfg, checkpoint_root, has_val=val_rows is not None)
+    is_main_process = arguments.process_index == 0
+    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    model = load_model_for_training(cfg, arguments.local_process_index)
     resume_from = latest_complete_checkpoint(checkpoint_root)
-    resumed_from_step = checkpoint_step(resume_from) if resume_from else None
-    discard_checkpoints_after(checkpoint_root, resumed_from_step or 0)
-    if resume_from is not None:
-        log.info("train: resuming from step %d (%s)", resumed_from_step, resume_from)
 
-    progress_bar = terminal_progress_bar()
+    progress_bar = terminal_progress_bar() if is_main_process else None
     trainer = PackedRowsTrainer(
         model=model,
-        args=training_arguments(cfg, checkpoint_root, has_val=val_rows is not None),
+        args=arguments,
         train_dataset=train_rows,
         eval_dataset=val_rows,
         data_collator=PackedCollator(pad_token_id=tokenizer.pad_token_id),
+        # Callbacks that steer the Trainer (logging, saving) run in every process: their decisions
+        # lead into collective operations.
         callbacks=[
-            MetricsRecorder(work_dir / METRICS), CheckpointKeeper(cfg.save_total_limit),
+            CheckpointKeeper(cfg.save_total_limit), MetricsRecorder(work_dir / METRICS),
             *([progress_bar] if progress_bar else []), *(callbacks or []),
         ],
     )
@@ -114,18 +139,22 @@ def run_train(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks
         final_eval = final_evaluation(trainer) if val_rows is not None else {}
     except RuntimeError as error:  # torch.OutOfMemoryError is one; so is a CPU allocator failure
         if should_reduce_batch_size(error):
-            raise TrainingOutOfMemoryError(out_of_memory_advice(cfg, read_model_config(cfg))) from error
+            advice = out_of_memory_advice(cfg, read_model_config(cfg), arguments.world_size, zero_stage(cfg))
+            raise TrainingOutOfMemoryError(advice) from error
         raise
 
-    model.save_pretrained(work_dir / ADAPTER)
+    # Gathers sharded weights (ZeRO-3, FSDP) on every process; writes on the main one.
+    trainer.save_model(str(work_dir / ADAPTER))
+    if not is_main_process:
+        return None
+    # The Trainer's pickled arguments: not part of an adapter, and adapter-only export copies the folder.
+    (work_dir / ADAPTER / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(work_dir / ADAPTER)
     records = metric_records(trainer.state.log_history)
     write_jsonl_atomic(work_dir / METRICS, records)
     save_loss_curve(records, work_dir / LOSS_CURVE, title=f"{cfg.name}: {cfg.adapter}, {trainer.state.global_step} steps")
-    # A finished stage never resumes: its checkpoints are dead weight in the published output
-    # (report_to's TensorBoard logs, under checkpoints/runs, stay).
-    for checkpoint in _checkpoints(checkpoint_root):
-        shutil.rmtree(checkpoint)
+    # A finished stage never resumes (report_to's TensorBoard logs, under checkpoints/runs, stay).
+    discard_all(checkpoint_root)
 
     train_records = [record for record in records if "loss" in record]
     eval_loss = final_eval.get("eval_loss")
@@ -136,7 +165,8 @@ def run_train(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks
         "adapter_dir": ADAPTER,
         "adapter": cfg.adapter,
         "attn_implementation": choose_attn_implementation(cfg),
-        "resumed_from_step": resumed_from_step,
+        "processes": arguments.world_size,
+        "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
         "global_step": trainer.state.global_step,
         "train_loss": mean_step_loss(train_records),
         "first_logged_loss": train_records[0]["loss"] if train_records else None,
@@ -177,70 +207,6 @@ def mean_step_loss(train_records: list[dict[str, Any]]) -> float | None:
         total += record["loss"] * (record["step"] - previous_step)
         previous_step = record["step"]
     return total / previous_step
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix("checkpoint-"))
-
-
-def _checkpoints(checkpoint_root: Path) -> list[Path]:
-    """checkpoint-N directories, newest first."""
-    found = [path for path in checkpoint_root.glob("checkpoint-*") if path.name.removeprefix("checkpoint-").isdigit()]
-    return sorted(found, key=checkpoint_step, reverse=True)
-
-
-def is_complete(checkpoint: Path) -> bool:
-    try:
-        json.loads((checkpoint / "trainer_state.json").read_text())
-        return json.loads((checkpoint / COMPLETE_MARKER).read_text())["step"] == checkpoint_step(checkpoint)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
-def latest_complete_checkpoint(checkpoint_root: Path) -> Path | None:
-    """The newest checkpoint that carries its completion marker (written after all its files)."""
-    return next((path for path in _checkpoints(checkpoint_root) if is_complete(path)), None)
-
-
-def discard_checkpoints_after(checkpoint_root: Path, step: int) -> None:
-    """Torn checkpoints newer than the resume point: the resumed run writes them again."""
-    for path in _checkpoints(checkpoint_root):
-        if checkpoint_step(path) > step:
-            log.info("train: discarding incomplete %s", path.name)
-            shutil.rmtree(path)
-
-
-class CheckpointKeeper(TrainerCallback):
-    """Marks each checkpoint complete once its files are flushed, then rotates by `save_total_limit`.
-
-    The Trainer writes a checkpoint's files in place and would rotate before anyone can tell a
-    whole checkpoint from a torn one; here the marker is the checkpoint's last file, and only
-    complete checkpoints count toward the limit, so a crash at any moment leaves the newest
-    complete checkpoint in place.
-    """
-
-    def __init__(self, save_total_limit: int | None) -> None:
-        self.save_total_limit = save_total_limit
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        for path in checkpoint.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as handle:
-                    os.fsync(handle.fileno())
-        store.write_json_atomic(checkpoint / COMPLETE_MARKER, {"step": state.global_step})
-        directory = os.open(checkpoint, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        if self.save_total_limit:
-            complete = [path for path in _checkpoints(checkpoint.parent) if is_complete(path)]
-            for path in complete[self.save_total_limit:]:
-                shutil.rmtree(path)
 
 
 # --- evaluation ---------------------------------------------------------------------------------
@@ -332,12 +298,16 @@ def choose_attn_implementation(cfg: RunConfig) -> str:
     return "flex_attention"
 
 
-def load_model_for_training(cfg: RunConfig) -> Any:
-    """The base model with LoRA adapters attached; 4-bit nf4 base weights (double quant) for QLoRA."""
+def load_model_for_training(cfg: RunConfig, device_index: int = 0) -> Any:
+    """The base model with LoRA adapters attached; 4-bit nf4 base weights (double quant) for QLoRA.
+
+    `device_index` is this process's GPU. When FSDP or ZeRO-3 shard the model, QLoRA's 4-bit weights
+    are stored in the compute dtype (shards must share one dtype) and the sharding places them."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    sharded = cfg.fsdp_config is not None or zero_stage(cfg) == 3
     load_options: dict[str, Any] = {
         "dtype": compute_dtype(cfg),
         "attn_implementation": choose_attn_implementation(cfg),
@@ -351,13 +321,16 @@ def load_model_for_training(cfg: RunConfig) -> Any:
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(cfg),
+            **({"bnb_4bit_quant_storage": compute_dtype(cfg)} if sharded else {}),
         )
-        if torch.cuda.is_available():
-            load_options["device_map"] = {"": 0}
+        if torch.cuda.is_available() and not sharded:
+            load_options["device_map"] = {"": device_index}
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **load_options)
     # Packed rows are only kept apart when no KV cache is in use.
     model.config.use_cache = False
-    if cfg.load_in_4bit:
+    # peft's k-bit preparation casts the unquantized weights to fp32, which sharding cannot mix with
+    # the stored 4-bit weights; gradient checkpointing comes from the Trainer's arguments instead.
+    if cfg.load_in_4bit and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
@@ -398,6 +371,7 @@ def reporting_integrations(cfg: RunConfig) -> list[str]:
 
 
 def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> Any:
+    """The Trainer's arguments. In launched processes, creating them joins the process group."""
     import torch
     from transformers import TrainingArguments
 
@@ -437,6 +411,10 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> A
         use_liger_kernel=cfg.liger_kernel,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
+        # Every LoRA weight gets a gradient at every step: DDP need not search the graph for unused ones.
+        ddp_find_unused_parameters=False,
+        deepspeed=str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed else None,
+        **({"fsdp": True, "fsdp_config": cfg.fsdp_config.model_dump()} if cfg.fsdp_config is not None else {}),
         # transformers 5 reads a float below 1 as a fraction of the total steps.
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio,
     )

@@ -65,9 +65,9 @@ def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_unsupported_axolotl_key_is_named_as_known_but_unsupported(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "deepspeed: ds.json\n")
+    message = config_error(tmp_path, "rl: dpo\n")
 
-    assert "`deepspeed` is a known Axolotl setting but" in message
+    assert "`rl` is a known Axolotl setting but" in message
     assert "not supported" in message
     assert "unknown key" not in message
 
@@ -80,9 +80,9 @@ def test_unsupported_key_that_is_switched_off_is_accepted(tmp_path: Path) -> Non
 
 
 def test_unsupported_key_does_not_hide_other_problems(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "deepspeed: ds.json\nlearning_rat: 2e-4\n")
+    message = config_error(tmp_path, "rl: dpo\nlearning_rat: 2e-4\n")
 
-    assert "deepspeed" in message
+    assert "`rl`" in message
     assert "learning_rat" in message
 
 

@@ -19,139 +19,33 @@ import logging
 import math
 import os
 import pty
-import shutil
-import signal
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
 from transformers import TrainerCallback
 
-from tasks import prep, store
-from tasks.config import RunConfig, load_config
-from tasks.fingerprint import FileHasher
+from tasks.checkpoints import COMPLETE_MARKER
+from tasks.config import RunConfig
 from tasks.train import (
-    ADAPTER,
     CHECKPOINTS,
-    COMPLETE_MARKER,
     LOSS_CURVE,
-    METRICS,
     TrainError,
     TrainingOutOfMemoryError,
     choose_attn_implementation,
-    fingerprint,
     mean_step_loss,
     reporting_integrations,
     run_train,
     token_weighted_loss,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
-SETTINGS = {
-    "sequence_len": 256, "micro_batch_size": 2, "max_steps": 12, "save_steps": 4, "save_total_limit": 2,
-    "eval_steps": 4, "logging_steps": 2, "lora_dropout": 0.1, "val_set_size": 0.1, "warmup_steps": 2,
-}
-# Runs `run_train` as the pipeline would, slowed by a sleep after each step so the test can kill it mid-run.
-DRIVER = """
-import sys, time
-from transformers import TrainerCallback
-from tasks.config import load_config
-from tasks.train import run_train
-
-class Pause(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        time.sleep(0.25)
-
-run_train(load_config(sys.argv[1]), sys.argv[2], sys.argv[3], callbacks=[Pause()])
-"""
-# Bit-equality holds for a given number of threads; one thread each keeps three concurrent runs
-# from fighting over two cores (OpenMP threads spin while they wait).
-SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-class Stage:
-    """One state_dir holding the prep output of the shared config, and the train stage's paths in it."""
-
-    def __init__(self, directory: Path, template: Template) -> None:
-        raw = yaml.safe_load(template.config_path.read_text())
-        raw["state_dir"] = str(directory / "state")
-        self.config_path = directory / "run.yaml"
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(yaml.safe_dump(raw))
-        self.cfg = load_config(self.config_path)
-        # Taken from the template, not recomputed: they hash code that may be edited while tests run.
-        self.prep_fingerprint, self.fingerprint = template.prep_fingerprint, template.fingerprint
-        self.final_dir = store.stage_dir(self.cfg, "train", self.fingerprint)
-        self.checkpoints = store.partial_dir(self.final_dir) / CHECKPOINTS
-
-    def run(self, callbacks: list | None = None) -> dict:
-        return run_train(self.cfg, self.fingerprint, self.prep_fingerprint, callbacks=callbacks)
-
-    def run_and_kill(self, ready) -> None:
-        """Runs the stage in a subprocess and SIGKILLs it as soon as `ready()` is true."""
-        with tempfile.TemporaryFile() as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-c", DRIVER, str(self.config_path), self.fingerprint, self.prep_fingerprint],
-                cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, stdout=subprocess.DEVNULL, stderr=stderr,
-            )
-            deadline = time.monotonic() + 300
-            while not ready():
-                if process.poll() is not None:
-                    stderr.seek(0)
-                    raise AssertionError(f"the training process ended before it was killed:\n{stderr.read().decode()[-3000:]}")
-                if time.monotonic() > deadline:
-                    process.kill()
-                    raise AssertionError("the training process never reached the point to kill it at")
-                time.sleep(0.002)
-            process.send_signal(signal.SIGKILL)
-            assert process.wait() == -signal.SIGKILL
-        assert store.read_manifest(self.final_dir) is None
-
-    def metrics(self) -> list[dict]:
-        return [json.loads(line) for line in (self.final_dir / METRICS).read_text().splitlines()]
-
-
-def loss_curve(records: list[dict]) -> list[dict]:
-    """metrics.jsonl without the throughput figures, which measure wall time."""
-    return [{key: value for key, value in record.items() if key != "tokens_per_second"} for record in records]
-
-
-@dataclass(frozen=True)
-class Template:
-    config_path: Path
-    prep_fingerprint: str
-    fingerprint: str
+from tests.train_stage import QUICKSTART_DATA, Stage, Template, assert_same_result, build_template, new_stage
 
 
 @pytest.fixture(scope="module")
 def template(tiny_model_dir, tmp_path_factory) -> Template:
-    """The config, with prep run once; each Stage copies the prep output into its own state_dir."""
-    directory = tmp_path_factory.mktemp("train-template")
-    data = directory / "data.jsonl"
-    data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:120]))
-    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
-    raw.update(SETTINGS, base_model=str(tiny_model_dir), state_dir=str(directory / "state"), output_dir=str(directory / "out"))
-    raw["datasets"][0] = {"path": str(data), "type": "chat_template"}  # no contract: prep stays quick
-    path = directory / "run.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    cfg = load_config(path)
-    hasher = FileHasher()
-    prep_fingerprint = prep.fingerprint(cfg, hasher)
-    prep.run_prep(cfg, prep_fingerprint)
-    return Template(path, prep_fingerprint, fingerprint(cfg, prep_fingerprint, hasher))
-
-
-def new_stage(template: Template, directory: Path) -> Stage:
-    shutil.copytree(Path(load_config(template.config_path).state_dir) / "prep", directory / "state" / "prep")
-    return Stage(directory, template)
+    return build_template(tmp_path_factory.mktemp("train-template"), tiny_model_dir)
 
 
 class CheckpointWatcher(TrainerCallback):
@@ -245,12 +139,6 @@ def drain(descriptor: int, chunks: list[bytes]) -> None:
         if not chunk:
             return
         chunks.append(chunk)
-
-
-def assert_same_result(resumed: Stage, reference: Stage) -> None:
-    adapter = Path(ADAPTER) / "adapter_model.safetensors"
-    assert (resumed.final_dir / adapter).read_bytes() == (reference.final_dir / adapter).read_bytes()
-    assert loss_curve(resumed.metrics()) == loss_curve(reference.metrics())
 
 
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(reference, killed_runs, caplog):

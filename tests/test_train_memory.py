@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tasks.config import RunConfig, load_config
+from tasks.launch import plan_processes, zero_stage
 from tasks.memory import (
     GpuInfo,
     describe_estimate,
@@ -30,8 +31,13 @@ LLAMA_3_8B = {
     "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
     "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False, "max_position_embeddings": 8192,
 }
+LLAMA_3_70B = {
+    "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
+    "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+}
 RECIPE_MODELS = {  # public config.json values of the models the recipes name
     "llama3-8b-qlora": LLAMA_3_8B,
+    "llama3-70b-lora-zero3": LLAMA_3_70B,
     "qwen2.5-7b-qlora": {
         "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
         "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False,
@@ -80,6 +86,7 @@ def test_qlora_estimate_matches_the_hand_computation():
         "activations_with_checkpointing": 2048 * (32 * 4096 * 2 + layer_bytes) / GB,
         "logits": 2048 * 128256 * (2 + 4 + 4) / GB,
         "cuda_context": 0.5,
+        "gathered_layer": 0.0,  # nothing is sharded in one process
     }
     expected["peak"] = sum(value for name, value in expected.items() if name != "activations_without_checkpointing")
     assert estimate == pytest.approx(expected, rel=1e-12)
@@ -103,6 +110,36 @@ def test_lora_estimate_with_modules_to_save_matches_the_hand_computation():
     assert estimate["peak"] == pytest.approx(expected_peak, rel=1e-12)
     assert estimate["optimizer"] == pytest.approx(2 * trainable / GB, rel=1e-12)
     assert estimate["activations_with_checkpointing"] < estimate["activations_without_checkpointing"] / 10
+
+
+def test_sharding_divides_what_each_stage_of_zero_and_fsdp_shards():
+    settings = {"adapter": "lora", "bf16": True, "lora_r": 16, "lora_target_modules": "all-linear", "gradient_checkpointing": True}
+    cfg = config(**settings)
+    alone = estimate_peak_memory(cfg, LLAMA_3_8B)
+    ddp = estimate_peak_memory(cfg, LLAMA_3_8B, processes=8)
+    zero1, zero2, zero3 = (estimate_peak_memory(cfg, LLAMA_3_8B, 8, stage) for stage in (1, 2, 3))
+    fsdp = estimate_peak_memory(config(**settings, fsdp=["full_shard"]), LLAMA_3_8B, 8)
+
+    assert ddp == alone  # every process holds everything
+    assert zero1["optimizer"] == pytest.approx(alone["optimizer"] / 8) and zero1["gradients"] == alone["gradients"]
+    assert zero2["gradients"] == pytest.approx(alone["gradients"] / 8) and zero2["weights"] == alone["weights"]
+    for sharded in (zero3, fsdp):
+        assert sharded["weights"] == pytest.approx(alone["weights"] / 8)
+        assert sharded["trainable"] == pytest.approx(alone["trainable"] / 8)
+        # One decoder layer's bf16 linear weights gathered at a time.
+        assert sharded["gathered_layer"] == pytest.approx(LINEAR_PARAMS * 2 / 32 / GB)
+        assert sharded["activations_with_checkpointing"] == alone["activations_with_checkpointing"]
+    assert zero3 == fsdp
+    assert alone["peak"] > zero1["peak"] > zero2["peak"] > zero3["peak"]
+
+
+def test_qlora_sharded_keeps_unquantized_weights_in_the_compute_dtype():
+    cfg = config(adapter="qlora", bf16=True, fsdp=["full_shard"])
+    unsharded = estimate_peak_memory(config(adapter="qlora", bf16=True), LLAMA_3_8B)
+    sharded = estimate_peak_memory(cfg, LLAMA_3_8B, processes=2)
+
+    assert unsharded["weights"] * GB == pytest.approx(LINEAR_PARAMS * (0.5 + 1 / 64 + 4 / (64 * 256)) + OTHER_PARAMS * 4)
+    assert sharded["weights"] * GB * 2 == pytest.approx(LINEAR_PARAMS * (0.5 + 1 / 64 + 4 / (64 * 256)) + OTHER_PARAMS * 2)
 
 
 def test_validate_lines_warn_when_the_estimate_exceeds_the_gpu():
@@ -152,7 +189,8 @@ def test_visible_gpus_reads_nvidia_smi():
 @pytest.mark.parametrize("recipe", sorted(RECIPE_MODELS))
 def test_recipe_loads_and_fits_the_gpu_its_comment_names(recipe):
     cfg = load_config(REPO / "configs" / f"{recipe}.yaml")
-    estimate = estimate_peak_memory(cfg, RECIPE_MODELS[recipe])
+    processes = plan_processes(cfg, []).processes
+    estimate = estimate_peak_memory(cfg, RECIPE_MODELS[recipe], processes, zero_stage(cfg))
     stated = int(next(line for line in (REPO / "configs" / f"{recipe}.yaml").read_text().splitlines() if "about" in line and " GB" in line)
                  .split("about ")[1].split(" GB")[0])
 

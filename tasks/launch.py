@@ -1,0 +1,264 @@
+"""Training in several processes: the train task starts `accelerate launch` and follows it.
+
+One process trains inside the train task itself. More than one (several visible GPUs, or
+`num_processes`), or a `deepspeed` / `fsdp` setting, and the task instead starts
+`accelerate launch -m tasks.launch worker ...` (torchrun underneath: DDP over NCCL on GPUs, over
+gloo on a CPU; DeepSpeed or FSDP as configured through the Trainer). Every process runs the same
+`train.train_and_publish`; the main one writes metrics, checkpoint markers and the published
+output, so checkpoints, resumption and the manifest are the same as in one process.
+
+What a user can rely on:
+- The number of processes is part of the train fingerprint (it changes the effective batch), so a
+  run resumes only from checkpoints written by the same number of processes.
+- Killing the train task kills every training process (each dies with its parent), so no orphan
+  keeps writing checkpoints while the stage is run again.
+- Progress reaches the task's callbacks (Prefect artifacts and logs, the terminal bar) from the
+  main process's `progress.json` and `metrics.jsonl`, and the processes' output reaches the
+  task's log; a failed launch raises `LaunchError` with the exit status and the last lines.
+- `deepspeed_problems` checks a DeepSpeed JSON against this config before anything starts.
+
+Nothing here imports torch at module level: preflight uses the checks.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import logging
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks import store
+from tasks.config import RunConfig
+from tasks.memory import GpuInfo, visible_gpus
+
+log = logging.getLogger("loraflow.train")
+
+# The run config reaches every process through the environment (accelerate launch passes it on).
+RUN_CONFIG_ENV = "LORAFLOW_RUN_CONFIG"
+# Each process dies with its parent; the pid says which parent, so a child that was orphaned
+# before it could ask for that exits at once.
+PARENT_PID_ENV = "LORAFLOW_PARENT_PID"
+_OUTPUT_TAIL_LINES = 100
+_POLL_SECONDS = 0.5
+
+# DeepSpeed JSON keys the Trainer fills from its own arguments when they are "auto", and rejects
+# (after loading the model) when they differ: (JSON key, config key, value from the config).
+_DEEPSPEED_MATCHES: tuple[tuple[str, str, Any], ...] = (
+    ("train_micro_batch_size_per_gpu", "micro_batch_size", lambda cfg, n: cfg.micro_batch_size),
+    ("gradient_accumulation_steps", "gradient_accumulation_steps", lambda cfg, n: cfg.gradient_accumulation_steps),
+    ("train_batch_size", "micro_batch_size x gradient_accumulation_steps x processes",
+     lambda cfg, n: cfg.micro_batch_size * cfg.gradient_accumulation_steps * n),
+    ("gradient_clipping", "max_grad_norm", lambda cfg, n: cfg.max_grad_norm),
+    ("optimizer.params.lr", "learning_rate", lambda cfg, n: cfg.learning_rate),
+    ("optimizer.params.weight_decay", "weight_decay", lambda cfg, n: cfg.weight_decay),
+    ("scheduler.params.warmup_max_lr", "learning_rate", lambda cfg, n: cfg.learning_rate),
+    ("bf16.enabled", "bf16", lambda cfg, n: cfg.bf16),
+    ("fp16.enabled", "bf16 (loraflow trains in bf16 or fp32, never fp16)", lambda cfg, n: False),
+)
+
+
+class LaunchError(RuntimeError):
+    """The launched training processes failed; the message holds their exit status and last output."""
+
+
+@dataclass(frozen=True)
+class ProcessPlan:
+    """How many processes train, and how they share the work."""
+
+    processes: int
+    strategy: Literal["single", "ddp", "deepspeed", "fsdp"]
+
+    @property
+    def launched(self) -> bool:
+        return self.strategy != "single"
+
+
+def plan_processes(cfg: RunConfig, gpus: list[GpuInfo] | None = None) -> ProcessPlan:
+    """`num_processes`, else one process per visible GPU (one on a CPU)."""
+    gpus = visible_gpus() if gpus is None else gpus
+    processes = cfg.num_processes or max(1, len(gpus))
+    if cfg.deepspeed:
+        return ProcessPlan(processes, "deepspeed")
+    if cfg.fsdp_config is not None:
+        return ProcessPlan(processes, "fsdp")
+    return ProcessPlan(processes, "ddp" if processes > 1 else "single")
+
+
+def read_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
+    """The DeepSpeed JSON named by `deepspeed`, as a dict; ValueError naming the file when it is not one."""
+    path = Path(cfg.deepspeed or "")
+    try:
+        settings = json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"`deepspeed`: cannot read {path}: {error.strerror}") from None
+    except ValueError as error:
+        raise ValueError(f"`deepspeed`: {path} is not valid JSON: {error}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"`deepspeed`: {path} must hold a JSON object")
+    return settings
+
+
+def deepspeed_problems(cfg: RunConfig, processes: int) -> list[str]:
+    """What the Trainer would reject only after loading the model: values in the DeepSpeed JSON that
+    contradict this config, and a ZeRO stage that does not exist."""
+    try:
+        settings = read_deepspeed_config(cfg)
+    except ValueError as error:
+        return [str(error)]
+    problems = []
+    zero = settings.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"`deepspeed` {cfg.deepspeed}: zero_optimization.stage is {stage!r}; use 2 or 3 (ZeRO-2 / ZeRO-3)")
+    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        problems.append(
+            f"`deepspeed` {cfg.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: true "
+            "cannot save the adapter as safetensors; set it to true"
+        )
+    for dotted, config_key, expected in _DEEPSPEED_MATCHES:
+        value: Any = settings
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        wanted = expected(cfg, processes)
+        if value is None or value == "auto" or value == wanted:
+            continue
+        problems.append(
+            f"`deepspeed` {cfg.deepspeed}: {dotted} is {value!r} but {config_key} is {wanted!r} here; "
+            f'set it to "auto" in the JSON (filled from this config) or make them equal'
+        )
+    return problems
+
+
+def zero_stage(cfg: RunConfig) -> int | None:
+    return read_deepspeed_config(cfg).get("zero_optimization", {}).get("stage", 0) if cfg.deepspeed else None
+
+
+def launch_command(cfg: RunConfig, plan: ProcessPlan, worker_args: list[str], port: int) -> list[str]:
+    """`accelerate launch` for `plan`, running `tasks.launch worker` with `worker_args` in every process.
+
+    torchrun starts the processes either way; the Trainer configures DDP, FSDP and DeepSpeed itself
+    from its arguments. DeepSpeed goes through accelerate's DeepSpeed launcher, which also serves a
+    single process (ZeRO-Offload on one GPU).
+    """
+    command = [
+        "--num_processes", str(plan.processes), "--num_machines", "1", "--main_process_port", str(port),
+        "--mixed_precision", "bf16" if cfg.bf16 else "no", "--dynamo_backend", "no",
+    ]
+    if plan.strategy == "deepspeed":
+        command += ["--use_deepspeed", "--deepspeed_config_file", str(Path(cfg.deepspeed or "").resolve())]
+    else:
+        command += ["--multi_gpu"]
+    return [sys.executable, "-m", "tasks.launch", "launcher", *command, "-m", "tasks.launch", "worker", *worker_args]
+
+
+def run_launched(cfg: RunConfig, plan: ProcessPlan, fingerprint: str, prep_fingerprint: str, work_dir: Path,
+                 callbacks: list[Any]) -> None:
+    """Starts the training processes and waits for them, relaying their progress to `callbacks`
+    (Trainer callbacks living in this process) and their output to the log."""
+    from tasks.progress import PROGRESS_FILE, ProgressReplay
+
+    (work_dir / PROGRESS_FILE).unlink(missing_ok=True)  # a killed run's: the replay must wait for this run's
+    command = launch_command(cfg, plan, [fingerprint, prep_fingerprint], free_port())
+    environment = {**os.environ, RUN_CONFIG_ENV: cfg.model_dump_json(), PARENT_PID_ENV: str(os.getpid())}
+    log.info("train: launching %d %s processes", plan.processes, plan.strategy.upper())
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    output: queue.Queue[str | None] = queue.Queue()
+    tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
+    reader = threading.Thread(target=_read_lines, args=(process.stdout, output), daemon=True)
+    reader.start()
+    replay = ProgressReplay(work_dir, callbacks)
+    try:
+        finished = False
+        while not finished:
+            try:
+                line = output.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                line = ""
+            # Logged from this thread: Prefect ties log lines to the task run through its context.
+            while line is not None:
+                if line:
+                    tail.append(line)
+                    log.info("train process: %s", line)
+                try:
+                    line = output.get_nowait()
+                except queue.Empty:
+                    break
+            finished = line is None
+            replay.poll()
+        returncode = process.wait()
+    finally:
+        if process.poll() is None:  # this task was interrupted: take the training processes down with it
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    if returncode != 0:
+        raise LaunchError(
+            f"the {plan.processes} training processes failed (accelerate launch exited with {returncode}); "
+            "a re-run resumes from the last complete checkpoint. Last output:\n" + "\n".join(tail)
+        )
+    replay.finish(store.stage_dir(cfg, "train", fingerprint))
+
+
+def _read_lines(stream: Any, output: queue.Queue[str | None]) -> None:
+    for line in stream:
+        output.put(line.rstrip("\n"))
+    output.put(None)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """Asks Linux to SIGKILL this process when its parent dies (torchrun starts workers in their
+    own sessions, so a killed launcher would otherwise leave them training)."""
+    expected_parent = int(os.environ[PARENT_PID_ENV])
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != expected_parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def _launcher(arguments: list[str]) -> None:
+    """`accelerate launch` itself, in a process that dies with the train task and that its workers die with."""
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
+
+    die_with_parent()
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    accelerate_launch(launch_command_parser().parse_args(arguments))
+
+
+def _worker(fingerprint: str, prep_fingerprint: str) -> None:
+    die_with_parent()
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", stream=sys.stderr)
+    from tasks.progress import PROGRESS_FILE, ProgressFile
+    from tasks.train import train_and_publish
+
+    cfg = RunConfig.model_validate_json(os.environ[RUN_CONFIG_ENV])
+    work_dir = store.partial_dir(store.stage_dir(cfg, "train", fingerprint))
+    train_and_publish(cfg, fingerprint, prep_fingerprint, callbacks=[ProgressFile(work_dir / PROGRESS_FILE)] if rank == "0" else [])
+
+
+if __name__ == "__main__":
+    role, *rest = sys.argv[1:]
+    if role == "launcher":
+        _launcher(rest)
+    else:
+        _worker(*rest)
