@@ -10,21 +10,30 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 TINY_MODEL := .loraflow/models/tiny-llama
 QUICKSTART_DATA := examples/quickstart/finance_sentiment.jsonl
+TINY_MODEL_ZH := .loraflow/models/tiny-llama-zh
+QUICKSTART_ZH_DATA := examples/quickstart-zh/finance_sentiment_zh.jsonl examples/quickstart-zh/finance_analysis_zh.jsonl
 
-.PHONY: install quickstart test lint
+.PHONY: install quickstart quickstart-zh test lint
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every other package to the versions the tests passed with (reproducible runs).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
 quickstart: install
 	$(BIN)/loraflow tiny-model $(TINY_MODEL) --corpus $(QUICKSTART_DATA)
 	$(BIN)/loraflow run configs/quickstart.yaml
+
+# The Chinese quickstart: sentiment (accuracy), then the long-answer analysis task (ROUGE-L).
+quickstart-zh: install
+	$(BIN)/loraflow tiny-model $(TINY_MODEL_ZH) $(addprefix --corpus ,$(QUICKSTART_ZH_DATA))
+	$(BIN)/loraflow run configs/quickstart-zh.yaml
+	$(BIN)/loraflow run configs/quickstart-zh-analysis.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

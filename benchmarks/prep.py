@@ -6,9 +6,9 @@ a temporary JSONL, builds the tiny tokenizer, then runs, each in its own child p
 
 - the baseline: `datasets.load_dataset("json")` + a batched `map` applying the chat template and
   tokenizing (num_proc=1), with the same tokenizer;
-- `tasks.prep.run_prep` on the same rows: conversion, masked labels, a data contract of five
+- the prep stage (`run_stage(PREP, ...)`) on the same rows: conversion, masked labels, a data contract of five
   expectations on derived columns, split, packing into 2048-token rows, shards and manifest;
-- `run_prep` again on a quarter of the rows, so that the two peak RSS figures show whether memory
+- the prep stage again on a quarter of the rows, so that the two peak RSS figures show whether memory
   grows with the data.
 
 Peak RSS is `ru_maxrss` at the end of a child that ran only that job. `--profile` also writes a
@@ -126,8 +126,8 @@ def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path
     import yaml
 
     from tasks.config import RunConfig
-    from tasks.fingerprint import FileHasher
-    from tasks.prep import fingerprint, run_prep
+    from tasks.stage import run_stage, stage_key
+    from tasks.stages import PREP
 
     contract_dir = work_dir / "contracts"
     contract_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +141,8 @@ def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path
         "sample_packing": True,
         "val_set_size": 0.02,
     })
-    prep_fingerprint = fingerprint(cfg, FileHasher())
-    # Imported outside the timing, as the baseline's imports are: run_prep imports these lazily.
+    stage_key(PREP, cfg, {})  # file hashes outside the timing, as before
+    # Imported outside the timing, as the baseline's imports are: the prep build imports these lazily.
     from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: F401
     from transformers import AutoTokenizer  # noqa: F401
 
@@ -151,7 +151,7 @@ def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path
     started = time.perf_counter()
     if profiler:
         profiler.enable()
-    manifest = run_prep(cfg, prep_fingerprint)
+    manifest = run_stage(PREP, cfg)
     if profiler:
         profiler.disable()
         profiler.dump_stats(profile_path)

@@ -2,7 +2,7 @@
 and LoRA in two processes (`accelerate launch`, DDP over gloo) against LoRA in one.
 
 Run from the repository root: `.venv/bin/python -m benchmarks.train_cpu` (about two minutes on 2 idle
-cores). Every run goes through `tasks.train.run_train` with the quickstart's settings (packed rows of
+cores). Every run goes through the train stage (`tasks.stage.run_stage`) with the quickstart's settings (packed rows of
 512 tokens, micro_batch_size 4 per process, LoRA r=16 on all linear layers), no evaluation and no checkpoints;
 tokens/s is the stage's own figure from metrics.jsonl (input tokens per second of training, padding
 included): the median over the logging intervals after the first (which carries the warm-up), so
@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from tasks import prep, train
+from tasks import store
 from tasks.config import load_config
-from tasks.fingerprint import FileHasher
+from tasks.stage import run_stage
+from tasks.stages import PREP, TRAIN
 from tasks.tiny_model import build_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,17 +45,11 @@ def measure(root: Path, base_model: Path, data: Path, adapter: str, processes: i
     config_path = root / "run.yaml"
     config_path.write_text(yaml.safe_dump(raw))
     cfg = load_config(config_path)
-    hasher = FileHasher()
-    prep_fingerprint = prep.fingerprint(cfg, hasher)
-    prep.run_prep(cfg, prep_fingerprint)
-    train_fingerprint = train.fingerprint(cfg, prep_fingerprint, hasher)
+    prep_manifest = run_stage(PREP, cfg)
     started = time.perf_counter()
-    manifest = train.run_train(cfg, train_fingerprint, prep_fingerprint)
+    manifest = run_stage(TRAIN, cfg, {"prep": prep_manifest})
     wall_s = time.perf_counter() - started
-    records = [
-        json.loads(line)
-        for line in (Path(cfg.state_dir) / "train" / train_fingerprint / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = [json.loads(line) for line in (store.output_dir(cfg, manifest) / "metrics.jsonl").read_text().splitlines()]
     train_records = [record for record in records if "loss" in record]
     speeds = [record["tokens_per_second"] for record in train_records[1:]]
     return {

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from rich.text import Text
 from flows import ops_cli
 from flows.registry_cli import registry_app
 from tasks.config import ConfigError, RunConfig, load_config
+from tasks.errors import LoraflowError
 
 # No network here, and telemetry against a SQLite server can cause "database is locked".
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Our stage loggers reach the Prefect UI next to Prefect's own.
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The ephemeral API server migrates its database on a fresh PREFECT_HOME: on a busy 2-core machine
+# that took longer than Prefect's 20 s default, and a newcomer's first run died of it.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tuning pipelines: prep -> train -> eval -> export.")
 config_app = typer.Typer(no_args_is_help=True, help="The config format.")
@@ -44,8 +48,8 @@ def _load_checked(config_path: Path, for_run: bool = True) -> RunConfig:
 
     try:
         cfg = load_config(config_path)
-        for note in preflight(cfg, config_path, for_run=for_run):
-            console.print(f"[yellow]note:[/] {note}")
+        for note in [*cfg.notes, *preflight(cfg, config_path, for_run=for_run)]:
+            console.print(Text.assemble(("note: ", "yellow"), note))
         return cfg
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -53,20 +57,30 @@ def _load_checked(config_path: Path, for_run: bool = True) -> RunConfig:
 
 
 @app.command()
-def validate(config: Path = typer.Argument(..., help="Run config (YAML).")) -> None:
-    """Check a config and everything that can be checked without loading data or weights; estimate peak GPU memory."""
-    from tasks.launch import plan_processes, zero_stage
-    from tasks.memory import describe_estimate, estimate_peak_memory, read_model_config, visible_gpus
+def validate(
+    config: Path = typer.Argument(..., help="Run config (YAML)."),
+    as_json: bool = typer.Option(False, "--json", help="Print problems, notes and the memory estimate as one JSON object."),
+) -> None:
+    """Check a config: the schema and every preflight check in one pass, all problems and notes at
+    once, and the peak GPU memory estimate. Exit code 2 when there is a problem; what cannot be
+    checked here (no model, no GPU) is a note."""
+    from tasks.preflight import validate_config
 
-    cfg = _load_checked(config, for_run=False)
-    model_config = read_model_config(cfg)
-    if model_config is not None:
-        gpus = visible_gpus()
-        processes = plan_processes(cfg, gpus).processes
-        estimate = estimate_peak_memory(cfg, model_config, processes, zero_stage(cfg))
-        for line in describe_estimate(cfg, estimate, gpus, processes):
-            console.print(line)
-    console.print(f"{config}: OK")
+    validation = validate_config(config)
+    if as_json:
+        print(json.dumps(validation.as_json(), indent=2))
+    else:
+        for note in validation.notes:
+            console.print(Text.assemble(("note: ", "yellow"), note))
+        for line in validation.estimate_lines:
+            console.print(Text(line))
+        if validation.ok:
+            console.print(f"{config}: OK")
+        else:
+            lines = "\n".join(f"  - {problem}" for problem in validation.problems)
+            print(f"error: {config}: {len(validation.problems)} problem(s):\n{lines}", file=sys.stderr)
+    if not validation.ok:
+        raise typer.Exit(CONFIG_ERROR_EXIT)
 
 
 @config_app.command("schema")
@@ -82,22 +96,57 @@ def run(
     start_from: str | None = typer.Option(None, "--from", help="Run this stage and every stage after it."),
     refresh: list[str] = typer.Option([], "--refresh", help="Re-run this stage although it is cached (repeatable)."),
     max_parallel: int = typer.Option(1, "--max-parallel", min=1, help="Pipelines running at once."),
+    smoke: bool = typer.Option(False, "--smoke", help="A first try: the first rows, a few steps, a small eval, in its own state."),
+    smoke_rows: int = typer.Option(200, "--smoke-rows", min=1, help="Rows of each source read by --smoke."),
 ) -> None:
     """Run the pipeline; stages whose inputs did not change come back cached."""
-    for config in configs:
-        _load_checked(config)
+    server = _start_ephemeral_server()
     from flows.batch import run_pipelines
+    from flows.pipeline import checked_config
+
+    for config in configs:
+        try:
+            checked_config(config)  # the flow gets this same object back: loaded and checked once per run
+        except LoraflowError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise typer.Exit(error.exit_code) from None
+    if server is not None:
+        server.join()
 
     started = time.monotonic()
-    outcomes = run_pipelines(configs, only=only, start_from=start_from, refresh=refresh, max_parallel=max_parallel)
+    outcomes = run_pipelines(
+        configs, only=only, start_from=start_from, refresh=refresh, max_parallel=max_parallel, smoke_rows=smoke_rows if smoke else None
+    )
     for outcome in outcomes:
         if outcome.summary is not None:
             _print_summary(outcome.summary)
     if len(outcomes) > 1 or outcomes[0].error:
         _print_outcomes(outcomes)
     console.print(f"finished in {time.monotonic() - started:.1f} s")
-    if any(outcome.error for outcome in outcomes):
-        raise typer.Exit(1)
+    failed = [outcome for outcome in outcomes if outcome.error]
+    if failed:
+        raise typer.Exit(max(outcome.exit_code for outcome in failed))
+
+
+def _start_ephemeral_server() -> threading.Thread | None:
+    """Without PREFECT_API_URL, Prefect starts a temporary API server at the first flow run, which
+    takes seconds. Started here in the background instead, it comes up while the config is loaded
+    and checked; the flow then finds it running (Prefect keeps one per process)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        try:
+            SubprocessASGIServer().start(timeout=PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+        except RuntimeError:
+            pass  # the flow's own start reports the failure with Prefect's message
+
+    thread = threading.Thread(target=start, name="prefect-ephemeral-server", daemon=True)
+    thread.start()
+    return thread
 
 
 def _print_outcomes(outcomes: list) -> None:
@@ -113,7 +162,7 @@ def _print_outcomes(outcomes: list) -> None:
 
 def _print_summary(summary: dict) -> None:
     table = Table(title=f"loraflow run: {summary['config']}")
-    for column in ("stage", "state", "duration", "key numbers"):
+    for column in ("stage", "state", "why", "duration", "key numbers"):
         table.add_column(column)
     key_numbers = {
         "prep": ", ".join(f"{k}={v}" for k, v in (summary["prep"] or {}).items()),
@@ -125,8 +174,10 @@ def _print_summary(summary: dict) -> None:
         "export": summary["export_path"] or "",
     }
     for stage, outcome in summary["stages"].items():
-        table.add_row(stage, outcome["state"], f"{outcome['duration_s']:.1f} s", key_numbers.get(stage, ""))
+        table.add_row(stage, outcome["state"], outcome["reason"], f"{outcome['duration_s']:.1f} s", key_numbers.get(stage, ""))
     console.print(table)
+    if summary.get("loss_curve"):
+        console.print(f"loss curve: {summary['loss_curve']}")
     if promotion := summary.get("promotion"):
         console.print(f"{promotion['version']}: {promotion['reason']} (production: {promotion['production'] or 'none'})")
 

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import typer
@@ -16,12 +15,15 @@ from rich.table import Table
 console = Console()
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
+FLOW_NAME = "loraflow-pipeline"
 WORK_POOL = "loraflow-process"
 GPU_LIMIT_TAG = "gpu"
 
 
 def _prefect_command() -> str:
-    return str(Path(sys.executable).with_name("prefect"))
+    from tasks.serving import console_script
+
+    return console_script("prefect")
 
 
 def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
@@ -36,12 +38,20 @@ def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
 
 def serve(
     config: Path = typer.Argument(..., help="Run config (YAML)."),
-    cron: str = typer.Option("0 2 * * *", help="Schedule (cron, UTC)."),
+    cron: str | None = typer.Option(None, help="Schedule (cron); default: the config's `schedule.cron`."),
 ) -> None:
-    """Serve the pipeline for CONFIG on a schedule from this process, without a work pool."""
-    from flows.pipeline import pipeline
+    """Serve the pipeline for CONFIG on the config's `schedule:` (cron and timezone) from this process,
+    without a work pool."""
+    from prefect.schedules import Cron
 
-    pipeline.serve(name=f"{config.stem}-served", cron=cron, parameters={"config_path": str(config)}, global_limit=1)
+    from flows.pipeline import checked_config, pipeline
+
+    schedule = checked_config(config).schedule
+    console.print(f"serving {config} on `{cron or schedule.cron}` ({schedule.timezone})")
+    pipeline.serve(
+        name=f"{config.stem}-served", schedules=[Cron(cron or schedule.cron, timezone=schedule.timezone)],
+        parameters={"config_path": str(config)}, global_limit=1,
+    )
 
 
 def deploy(prefect_file: Path = typer.Option(PREFECT_FILE, help="Deployment definitions.")) -> None:
@@ -52,7 +62,36 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_FILE, help="Deployment defi
         raise typer.Exit(2)
     asyncio.run(_ensure_pool_and_limit())
     command = [_prefect_command(), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
-    raise typer.Exit(subprocess.call(command, cwd=REPO))
+    returncode = subprocess.call(command, cwd=REPO)
+    if returncode == 0:
+        for name, cron, timezone in asyncio.run(_apply_config_schedules(prefect_file)):
+            console.print(f"{name}: scheduled `{cron}` ({timezone}) from its config's `schedule:`")
+    raise typer.Exit(returncode)
+
+
+async def _apply_config_schedules(prefect_file: Path) -> list[tuple[str, str, str]]:
+    """Each deployment runs on the `schedule:` of the config it runs (cron and timezone), so the
+    schedule lives in one place, next to the rest of the run's settings."""
+    import yaml
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from tasks.config import load_config
+
+    applied = []
+    definitions = yaml.safe_load(prefect_file.read_text())
+    async with get_client() as client:
+        for definition in definitions.get("deployments", []):
+            config_path = (definition.get("parameters") or {}).get("config_path")
+            if not config_path:
+                continue
+            schedule = load_config(REPO / config_path).schedule
+            deployment = await client.read_deployment_by_name(f"{FLOW_NAME}/{definition['name']}")
+            for existing in await client.read_deployment_schedules(deployment.id):
+                await client.delete_deployment_schedule(deployment.id, existing.id)
+            await client.create_deployment_schedules(deployment.id, [(CronSchedule(cron=schedule.cron, timezone=schedule.timezone), True)])
+            applied.append((definition["name"], schedule.cron, schedule.timezone))
+    return applied
 
 
 async def _ensure_pool_and_limit() -> None:
@@ -94,7 +133,7 @@ async def recent_runs(limit: int) -> list[dict]:
 
     async with get_client() as client:
         flow_runs = await client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=["loraflow-pipeline"])),
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
             sort=FlowRunSort.START_TIME_DESC,
             limit=limit,
         )

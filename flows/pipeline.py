@@ -1,16 +1,19 @@
-"""The pipeline flow: prep -> train -> eval -> export.
+"""The pipeline flow: prep -> train -> eval -> export (-> promote).
 
-Each stage is a Prefect task cached on its content fingerprint. The flow computes the fingerprints
-(cheap: file hashes are memoised), asks each task for its manifest, and records what ran and what
-came back cached. A fingerprint whose output directory has gone missing is re-run, whatever
-Prefect's result store remembers.
+Each stage is one Prefect task made from its declaration (`tasks/stages.py`) by the one stage
+contract (`tasks/stage.py`): cached on its key, which hashes its settings, code, own inputs and the
+*output digests* of the upstream manifests it consumes. The flow passes manifests from stage to
+stage and records, per stage, whether it ran or came back cached and why ("ran: contracts
+changed", "cached: upstream output unchanged"). A key whose output directory has gone missing is
+re-run, whatever Prefect's result store remembers.
 
 A run can be narrowed to some stages (`only`, `start_from`): the stages before them must already
-have outputs for the current fingerprints, and are reused, not re-run.
+have outputs for the current keys, and are reused, not re-run.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
@@ -22,29 +25,34 @@ from typing import Any
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
-from tasks import eval as eval_stage
-from tasks import export, prep, store, train
+from tasks import atomic, store
 from tasks.config import RunConfig, load_config
-from tasks.fingerprint import FileHasher
-from tasks.preflight import preflight
+from tasks.errors import ConfigFamilyError, StageFailedError
+from tasks.fingerprint import FileHasher, hash_bytes
+from tasks.stage import Stage, prefect_task, remember, stage_key, why_ran
+from tasks.stages import STAGES
 
 SUMMARY = "run_summary.json"
 # The stages log progress at INFO under `loraflow.*` (PREFECT_LOGGING_EXTRA_LOGGERS routes them to the
 # UI); left at the root's WARNING, those lines would be dropped before any handler saw them.
 logging.getLogger("loraflow").setLevel(logging.INFO)
-# Stages that hold an accelerator: a Prefect tag concurrency limit named `gpu` queues them.
-GPU_TAG = "gpu"
-GPU_STAGES = ("train", "eval", "export")
+log = logging.getLogger("loraflow.pipeline")
+STAGE_TASKS = {name: prefect_task(stage) for name, stage in STAGES.items()}
 
 
-class StageSelectionError(ValueError):
+class StageSelectionError(ConfigFamilyError):
     """`only`, `start_from` or `refresh` names a stage that does not exist."""
+
+
+class StageTimeoutError(StageFailedError):
+    """A stage ran past its `timeouts.<stage>` setting."""
 
 
 @dataclass
 class StageOutcome:
     stage: str
     state: str  # "ran", "cached", "reused" (upstream of the selected stages) or "skipped"
+    reason: str
     duration_s: float
     fingerprint: str
 
@@ -67,36 +75,83 @@ class StagePlan:
         selected = (only,) if only else store.STAGES[store.STAGES.index(start_from):] if start_from else store.STAGES
         return cls(selected=selected, refresh=frozenset(refresh or []))
 
+    def ran(self, stage: str) -> bool:
+        return any(outcome.stage == stage and outcome.state == "ran" for outcome in self.outcomes)
+
+
+def checked_config(config_path: str | Path) -> RunConfig:
+    """The config, loaded and preflighted once per process and file content: the CLI checks it
+    before starting Prefect, and the flow (also run by deployments) gets the same object back."""
+    path = Path(config_path).resolve()
+    return _checked_config(path, hash_bytes(path.read_bytes()) if path.is_file() else "")
+
+
+@functools.lru_cache(maxsize=32)
+def _checked_config(path: Path, content_hash: str) -> RunConfig:
+    from tasks.preflight import preflight
+
+    cfg = load_config(path)
+    for note in preflight(cfg, path):
+        log.info("note: %s", note)
+    return cfg
+
 
 def _run_name() -> str:
     config_name = Path(flow_run.parameters["config_path"]).stem
     return f"{config_name}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M}"
 
 
-def run_stage(stage_task: Any, cfg: RunConfig, stage: str, fingerprint: str, plan: StagePlan, **upstream: str) -> dict | None:
-    final_dir = store.stage_dir(cfg, stage, fingerprint)
-    started = time.monotonic()
-    if stage not in plan.selected:
-        if store.STAGES.index(stage) > store.STAGES.index(plan.selected[-1]):
-            plan.outcomes.append(StageOutcome(stage, "skipped", 0.0, fingerprint))
-            return None
-        manifest = store.require_manifest(cfg, stage, fingerprint)
-        plan.outcomes.append(StageOutcome(stage, "reused", 0.0, fingerprint))
+def run_stage(cfg: RunConfig, stage: Stage, upstream: dict[str, dict | None], plan: StagePlan, hasher: FileHasher) -> dict | None:
+    """One stage of the flow: skipped, reused, cached or run, as the plan and the key say."""
+    if any(manifest is None for manifest in upstream.values()) or (
+        stage.name not in plan.selected and store.STAGES.index(stage.name) > store.STAGES.index(plan.selected[-1])
+    ):
+        plan.outcomes.append(StageOutcome(stage.name, "skipped", "not selected", 0.0, ""))
+        return None
+    key = stage_key(stage, cfg, upstream, hasher)  # type: ignore[arg-type]
+    final_dir = store.stage_dir(cfg, stage.name, key)
+    if stage.name not in plan.selected:
+        manifest = store.require_manifest(cfg, stage.name, key)
+        plan.outcomes.append(StageOutcome(stage.name, "reused", "upstream of the selected stages", 0.0, key))
         return manifest
-    if stage in plan.refresh:
+    if stage.name in plan.refresh:
         _discard(final_dir)
+    started = time.monotonic()
     already_done = store.read_manifest(final_dir) is not None
-    configured = stage_task.with_options(
-        refresh_cache=not already_done,
-        retries=getattr(cfg.retries, stage),
-        retry_delay_seconds=cfg.retries.delay_seconds,
-        tags=[GPU_TAG] if stage in GPU_STAGES else [],
+    timeout = getattr(cfg.timeouts, stage.name)
+    task = STAGE_TASKS[stage.name].with_options(
+        refresh_cache=not already_done, retries=getattr(cfg.retries, stage.name), retry_delay_seconds=cfg.retries.delay_seconds,
+        timeout_seconds=timeout,
     )
-    state = configured(cfg, fingerprint, **upstream, return_state=True)
-    manifest = state.result()
-    cached = already_done or state.name == "Cached"
-    plan.outcomes.append(StageOutcome(stage, "cached" if cached else "ran", round(time.monotonic() - started, 2), fingerprint))
+    state = task(cfg, key, upstream, return_state=True)
+    try:
+        if state.is_failed() and isinstance(error := state.result(raise_on_failure=False), TimeoutError) and timeout:
+            raise StageTimeoutError(
+                f"`{stage.name}` ran past `timeouts.{stage.name}: {timeout:g}` seconds and was stopped; raise "
+                f"timeouts.{stage.name} in the config if the stage needs longer (a re-run resumes where it can)"
+            ) from error
+        manifest = state.result()
+    except Exception as error:
+        _alert_failure(cfg, stage.name, error)
+        raise
+    if already_done or state.name == "Cached":
+        upstream_ran = any(plan.ran(name) for name in stage.upstream)
+        state, reason = "cached", "upstream output unchanged" if upstream_ran else "inputs unchanged"
+    else:
+        state, reason = "ran", why_ran(cfg, manifest, refreshed=stage.name in plan.refresh)
+    remember(cfg, manifest)
+    plan.outcomes.append(StageOutcome(stage.name, state, reason, round(time.monotonic() - started, 2), key))
+    log.info("%s: %s (%s)", stage.name, state, reason)
     return manifest
+
+
+def _alert_failure(cfg: RunConfig, stage: str, error: Exception) -> None:
+    """`budget_exceeded` for a spent eval budget when the config picks it, else `failed`."""
+    from tasks.eval_client import BudgetExceededError
+    from tasks.notify import send
+
+    budget = isinstance(error, BudgetExceededError) and cfg.notify is not None and "budget_exceeded" in cfg.notify.events
+    send(cfg, "budget_exceeded" if budget else "failed", stage, "Failed", f"{type(error).__name__}: {error}")
 
 
 def _discard(final_dir: Path) -> None:
@@ -107,36 +162,54 @@ def _discard(final_dir: Path) -> None:
         shutil.rmtree(doomed)
 
 
+def smoke_config(cfg: RunConfig, rows: int) -> RunConfig:
+    """The config cut down to a first try through every stage: the first `rows` rows of each source,
+    a few steps, a small eval, in its own state, outputs and registry (production is never touched)."""
+    state_dir = Path(cfg.state_dir) / "smoke"
+    return cfg.model_copy(update={
+        "name": f"{cfg.name}-smoke",
+        "dataset_max_rows": rows,
+        "max_steps": 5,
+        "save_steps": None,
+        "eval_steps": None,
+        "logging_steps": 1,
+        "state_dir": str(state_dir),
+        "output_dir": str(Path(cfg.output_dir) / "smoke"),
+        "eval": cfg.eval.model_copy(update={"max_samples": min(cfg.eval.max_samples, 16)}),
+        "export": cfg.export.model_copy(update={"verify_prompts": min(cfg.export.verify_prompts, 2),
+                                                "registry_dir": str(state_dir / "registry")}),
+    })
+
+
 @flow(name="loraflow-pipeline", flow_run_name=_run_name, log_prints=True)
-def pipeline(config_path: str, only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None) -> dict:
-    cfg = load_config(config_path)
-    preflight(cfg, config_path)
+def pipeline(
+    config_path: str, only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None,
+    smoke_rows: int | None = None,
+) -> dict:
+    cfg = checked_config(config_path)
+    if smoke_rows:
+        cfg = smoke_config(cfg, smoke_rows)
     plan = StagePlan.build(only, start_from, refresh)
     hasher = FileHasher(Path(cfg.state_dir) / "file-hashes.json")
 
     with tags(f"config:{cfg.name}", f"model:{Path(cfg.base_model).name}", *(f"stage:{s}" for s in plan.selected)):
-        prep_fp = prep.fingerprint(cfg, hasher)
-        prep_manifest = run_stage(prep.prep_task, cfg, "prep", prep_fp, plan)
-
-        train_fp = train.fingerprint(cfg, prep_fp, hasher)
-        train_manifest = run_stage(train.train_task, cfg, "train", train_fp, plan, prep_fingerprint=prep_fp)
-
-        eval_fp = eval_stage.fingerprint(cfg, prep_fp, train_fp, hasher)
-        eval_manifest = run_stage(
-            eval_stage.eval_task, cfg, "eval", eval_fp, plan, prep_fingerprint=prep_fp, train_fingerprint=train_fp
-        )
-
-        export_fp = export.fingerprint(cfg, train_fp, eval_fp)
-        export_manifest = run_stage(
-            export.export_task, cfg, "export", export_fp, plan,
-            prep_fingerprint=prep_fp, train_fingerprint=train_fp, eval_fingerprint=eval_fp,
-        )
-        # Registers the export in the model registry and applies export.promote_if; never cached.
-        promotion = export.promote_task(cfg, export_fp) if export_manifest else None
+        prep = run_stage(cfg, STAGES["prep"], {}, plan, hasher)
+        train = run_stage(cfg, STAGES["train"], {"prep": prep}, plan, hasher)
+        evaluation = run_stage(cfg, STAGES["eval"], {"prep": prep, "train": train}, plan, hasher)
+        export = run_stage(cfg, STAGES["export"], {"prep": prep, "train": train, "eval": evaluation}, plan, hasher)
+        promotion = _promote(cfg, export, evaluation) if export else None
 
     hasher.save()
-    model_link = export.link_output(cfg, store.stage_dir(cfg, "export", export_fp), export_manifest) if export_manifest else None
-    return write_run_summary(cfg, plan.outcomes, prep_manifest, train_manifest, eval_manifest, export_manifest, model_link, promotion)
+    return write_run_summary(cfg, plan.outcomes, prep, train, evaluation, export, promotion)
+
+
+def _promote(cfg: RunConfig, export: dict, evaluation: dict | None = None) -> dict:
+    """Registers the export and applies the gate (never cached), and points output_dir/model at it."""
+    from tasks.export import link_output
+    from tasks.promotion import promote_task
+
+    link_output(cfg, store.output_dir(cfg, export), export)
+    return promote_task(cfg, export, evaluation)
 
 
 def write_run_summary(
@@ -146,7 +219,6 @@ def write_run_summary(
     train_manifest: dict | None,
     eval_manifest: dict | None,
     export_manifest: dict | None,
-    model_link: Path | None,
     promotion: dict | None,
 ) -> dict[str, Any]:
     def pick(manifest: dict | None, keys: tuple[str, ...]) -> dict | None:
@@ -159,14 +231,13 @@ def write_run_summary(
         "prep": pick(prep_manifest, ("rows_in", "rows_accepted", "rows_quarantined", "packing_efficiency")),
         "train": pick(train_manifest, ("global_step", "train_loss", "eval_loss", "resumed_from_step")),
         "eval": eval_manifest["metrics"] if eval_manifest else None,
-        "export_path": str(model_link) if model_link else None,
+        "export_path": str(Path(cfg.output_dir) / "model") if export_manifest else None,
         "export": pick(export_manifest, ("kind", "merge_dtype", "max_logit_diff", "weights_changed", "gguf")),
-        "promotion": pick(promotion, ("version", "promoted", "reason", "production", "production_before", "registry", "hub")),
+        "loss_curve": str(store.output_dir(cfg, train_manifest) / train_manifest["loss_curve"]) if train_manifest else None,
+        "promotion": pick(promotion, ("version", "promoted", "reason", "production", "production_before", "registry", "hub", "checks")),
         "trust_remote_code": cfg.trust_remote_code,
     }
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    store.write_json_atomic(output_dir / SUMMARY, summary)
+    atomic.write_json(Path(cfg.output_dir) / SUMMARY, summary)
     _summary_artifact(cfg, summary)
     return summary
 
@@ -179,7 +250,8 @@ def _summary_artifact(cfg: RunConfig, summary: dict[str, Any]) -> None:
     from tasks.progress import artifact_key
 
     rows = [
-        {"stage": stage, "state": outcome["state"], "duration_s": outcome["duration_s"], "fingerprint": outcome["fingerprint"][:12]}
+        {"stage": stage, "state": outcome["state"], "reason": outcome["reason"], "duration_s": outcome["duration_s"],
+         "fingerprint": outcome["fingerprint"][:12]}
         for stage, outcome in summary["stages"].items()
     ]
     metrics = {f"{model}_{name}": value for model, values in (summary["eval"] or {}).items()

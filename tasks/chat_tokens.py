@@ -12,14 +12,16 @@ from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.errors import DataFamilyError
+
 IGNORE_INDEX = -100
 
 
-class TemplateError(ValueError):
+class TemplateError(DataFamilyError):
     """The chat template renders a prefix that the full conversation does not start with."""
 
 
-class ContentError(ValueError):
+class ContentError(DataFamilyError):
     """A message holds text the tokenizer would read as a special token (e.g. a literal
     `<|im_end|>`): its turn would end early and the rest of the answer would go untrained."""
 

@@ -1,4 +1,5 @@
-"""Training checkpoints: when one counts as complete, which one a run resumes from, how many are kept.
+"""Training checkpoints: when one counts as complete, which one a run resumes from, how many are kept,
+and the checkpoint a SIGTERM asks for before training stops.
 
 The Trainer writes a checkpoint's files in place, each process its own (RNG states; optimizer
 shards under DeepSpeed and FSDP), and would rotate before anyone can tell a whole checkpoint from
@@ -9,16 +10,18 @@ files, is a checkpoint's last file; only marked checkpoints are resumed from or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import shutil
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 
-from tasks import store
+from tasks import atomic
 
 log = logging.getLogger("loraflow.train")
 
@@ -84,17 +87,45 @@ class CheckpointKeeper(TrainerCallback):
         if not state.is_world_process_zero:
             return
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        for path in checkpoint.rglob("*"):
-            if path.is_file():
-                with path.open("rb") as handle:
-                    os.fsync(handle.fileno())
-        store.write_json_atomic(checkpoint / COMPLETE_MARKER, {"step": state.global_step})
-        directory = os.open(checkpoint, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic.fsync_tree(checkpoint)  # every file on disk before the marker that vouches for them
+        atomic.write_json(checkpoint / COMPLETE_MARKER, {"step": state.global_step})
         if self.save_total_limit:
             complete = [path for path in checkpoints(checkpoint.parent) if is_complete(path)]
             for path in complete[self.save_total_limit:]:
                 shutil.rmtree(path)
+
+
+class StopOnSigterm(TrainerCallback):
+    """A Trainer callback that turns SIGTERM into "save a checkpoint at the end of this logging
+    interval, then stop", so a preempted run loses at most `logging_steps` steps and the next run
+    resumes to the same bytes and loss curve.
+    The handler is installed only around training, in the main thread (where signals arrive)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.stopped_at: int | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, self._request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        log.warning("train: SIGTERM received; saving a checkpoint at the end of this logging interval, then stopping")
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        # At the end of a logging interval: a resume inside one would log its mean over fewer steps,
+        # and the loss curve would no longer equal an uninterrupted run's.
+        interval_done = state.global_step % max(1, int(args.logging_steps)) == 0
+        if self.requested and self.stopped_at is None and interval_done:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control

@@ -17,10 +17,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tasks.errors import DataFamilyError
+
 EXAMPLES_SHOWN = 5
 
 
-class ContractError(ValueError):
+class ContractError(DataFamilyError):
     """A contract file that cannot be read, or data that breaks an `error` expectation."""
 
 

@@ -25,58 +25,38 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from tasks import store
-from tasks.config import EvalConfig, RunConfig, stage_settings
-from tasks.eval_client import Answer, ModelTarget, ask_all, count_missing, resolve_api_key
+from tasks import atomic, hub, store
+from tasks.config import EvalConfig, RunConfig
+from tasks.errors import StageFailedError
+from tasks.eval_client import Answer, ModelTarget, ask_all, count_missing, resolve_api_key, spending_limit
 from tasks.eval_metrics import cost_usd, score, summarise, usage_summary
-from tasks.fingerprint import FileHasher, code_version, hash_json
+from tasks.fingerprint import FileHasher, hash_json
 from tasks.judge import judge_pairs, win_rate_summary
 from tasks.merge import load_merged, save_merged
+from tasks.quantization import compute_dtype_name
 from tasks.serving import VLLM_BASE_NAME, VLLM_TUNED_NAME, transformers_serve, vllm_serve
 
 log = logging.getLogger("loraflow.eval")
 
 REPORT = "eval_report.json"
 SAMPLES = "samples.jsonl"
+TEST_SAMPLES = "test_samples.jsonl"
 SERVER_LOG = "server.log"
 RESPONSE_CACHE = "response_cache"
-# How requests are made never changes an answer, and key names are not keys: none of these
-# settings re-runs eval.
-_NOT_IN_FINGERPRINT = ("concurrency", "request_timeout", "max_retries", "startup_timeout", "api_key_env", "api_key_secret")
-
-
-class EvalError(RuntimeError):
+class EvalError(StageFailedError):
     """Eval cannot run on these inputs; the message names the setting to change."""
 
 
-def fingerprint(cfg: RunConfig, prep_fingerprint: str, train_fingerprint: str, hasher: FileHasher) -> str:
-    settings = stage_settings(cfg, "eval")["eval"]
-    for section in (settings, settings["judge"] or {}):
-        for name in _NOT_IN_FINGERPRINT:
-            section.pop(name, None)
-    return hash_json({
-        "settings": settings,
-        "prep": prep_fingerprint,
-        "train": train_fingerprint,
-        "base_model": hasher.tree(Path(cfg.base_model)),
-        "code": code_version("eval", "eval_client", "eval_metrics", "judge", "serving", "merge"),
-    })
-
-
-def load_eval_items(prep_dir: Path, limit: int) -> list[dict[str, Any]]:
-    """Val conversations as (prompt, reference): everything before the last assistant turn is the
-    prompt, the last assistant turn is the reference."""
+def load_eval_items(prep_dir: Path, limit: int | None, file_name: str = "val_messages.jsonl") -> list[dict[str, Any]]:
+    """Val (or test set) conversations as (prompt, reference): everything before the last assistant
+    turn is the prompt, the last assistant turn is the reference."""
     items = []
-    with (prep_dir / "val_messages.jsonl").open(encoding="utf-8") as handle:
+    with (prep_dir / file_name).open(encoding="utf-8") as handle:
         for line in handle:
             messages = json.loads(line)["messages"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -86,41 +66,55 @@ def load_eval_items(prep_dir: Path, limit: int) -> list[dict[str, Any]]:
     return items
 
 
-def run_eval(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str) -> dict[str, Any]:
-    final_dir = store.stage_dir(cfg, "eval", fingerprint)
-    if (existing := store.read_manifest(final_dir)) is not None:
-        return existing
-    started = time.monotonic()
-    train_manifest = store.require_manifest(cfg, "train", train_fingerprint)
-    store.require_manifest(cfg, "prep", prep_fingerprint)
-    items = load_eval_items(store.stage_dir(cfg, "prep", prep_fingerprint), cfg.eval.max_samples)
+def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str, Any]:
+    """The eval stage: answers for the val items (and the pinned test set's) from each model,
+    scored; the manifest fields."""
+    train_manifest, prep_manifest = upstream["train"], upstream["prep"]
+    prep_dir = store.output_dir(cfg, prep_manifest)
+    items = load_eval_items(prep_dir, cfg.eval.max_samples)
     if not items:
         raise EvalError("eval has no val rows to score: set val_set_size above 0")
-    work_dir = store.fresh_partial_dir(final_dir)
+    # The pinned test set is scored in full, every run: it is what the promotion gate compares on.
+    test_items = load_eval_items(prep_dir, None, prep_manifest["test_items"]) if prep_manifest.get("test_items") else []
     cache_dir = Path(cfg.state_dir) / RESPONSE_CACHE
-    adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
+    adapter_dir = store.output_dir(cfg, train_manifest) / train_manifest["adapter_dir"]
     judge = judge_target(cfg.eval)
 
-    prompts = [item["prompt"] for item in items]
-    with model_endpoints(cfg, adapter_dir, train_fingerprint, prompts, work_dir, cache_dir) as targets:
+    prompts = [item["prompt"] for item in items + test_items]
+    # Answers are cached by what the tuned model is (its train output digest), not by the run that made it.
+    with spending_limit(cfg.eval.budget_usd, cfg.eval.prices), \
+            model_endpoints(cfg, adapter_dir, train_manifest["output_digest"], prompts, work_dir, cache_dir) as targets:
         report, records = evaluate(items, targets, cfg.eval, cache_dir, judge)
+        test_report, test_records = evaluate(test_items, targets, cfg.eval, cache_dir) if test_items else (None, [])
+    report["items_sha256"] = items_digest(items)
+    if test_report is not None:
+        report["test_set"] = {
+            "path": cfg.eval.test_set.path if cfg.eval.test_set else None,
+            "file_sha256": prep_manifest["test_items_sha256"],
+            "items_sha256": items_digest(test_items),
+            "samples": test_report["samples"],
+            "metrics": test_report["metrics"],
+            "cost_usd": test_report["cost_usd"],
+            "samples_file": TEST_SAMPLES,
+        }
+        atomic.write_jsonl(work_dir / TEST_SAMPLES, test_records)
     report["eval_loss"] = train_manifest.get("eval_loss")
     report["eval_perplexity"] = train_manifest.get("eval_perplexity")
     write_outputs(work_dir, report, records)
-    manifest = {
-        "stage": "eval",
-        "fingerprint": fingerprint,
-        "train_fingerprint": train_fingerprint,
-        "report": REPORT,
-        "samples_file": SAMPLES,
-        **report,
-        "duration_s": round(time.monotonic() - started, 2),
-    }
+    manifest = {"report": REPORT, "samples_file": SAMPLES, **report}
     for role, summary in report["metrics"].items():
         log.info("eval %s: %s", role, {k: v for k, v in summary.items() if k in ("exact_match", "accuracy", "rouge_l", "samples")})
+    for role, summary in (report.get("test_set") or {}).get("metrics", {}).items():
+        shown = {k: v for k, v in summary.items() if k in ("exact_match", "accuracy", "rouge_l", "samples")}
+        log.info("eval %s on the test set: %s", role, shown)
     if report["judge"] is not None:
         log.info("eval judge: tuned win rate %s over %d comparisons", report["judge"]["win_rate"], report["judge"]["comparisons"])
-    return store.publish(work_dir, final_dir, manifest)
+    return manifest
+
+
+def items_digest(items: list[dict[str, Any]]) -> str:
+    """What a set of scored items is, for comparing two models on the same ones (the gate)."""
+    return hash_json([{"prompt": item["prompt"], "reference": item["reference"]} for item in items])
 
 
 def sampling(settings: EvalConfig) -> dict[str, Any]:
@@ -159,9 +153,10 @@ def model_endpoints(
 
     # Our own weights: the cache follows their content, whichever directory serves them.
     tuned_dir = work_dir / "tuned-model"
-    base_hash = FileHasher(Path(cfg.state_dir) / "file-hashes.json").tree(Path(cfg.base_model))
+    base = hub.base_model(cfg)
+    base_hash = hash_json(base.identity(FileHasher(Path(cfg.state_dir) / "file-hashes.json")))
     if settings.endpoint == "local":
-        names = {"tuned": str(tuned_dir.resolve()), "base": str(Path(cfg.base_model).resolve())}
+        names = {"tuned": str(tuned_dir.resolve()), "base": str(base.path.resolve())}
     else:
         names = {"tuned": VLLM_TUNED_NAME, "base": VLLM_BASE_NAME}
     model_fingerprints = {"tuned": train_fingerprint, "base": base_hash}
@@ -176,7 +171,7 @@ def model_endpoints(
         _merge_for_serving(cfg, adapter_dir, tuned_dir)
         server = transformers_serve(work_dir / SERVER_LOG, settings.startup_timeout)
     else:
-        server = vllm_serve(cfg.base_model, adapter_dir, cfg.lora_r, work_dir / SERVER_LOG, settings.startup_timeout)
+        server = vllm_serve(str(base.path), adapter_dir, cfg.lora_r, work_dir / SERVER_LOG, settings.startup_timeout)
     try:
         with server as base_url:
             yield [dataclasses.replace(target, base_url=base_url) for target in offline]
@@ -189,8 +184,8 @@ def _merge_for_serving(cfg: RunConfig, adapter_dir: Path, out_dir: Path) -> None
     QLoRA merged into the de-quantized nf4 base it was trained on, see `tasks.merge`)."""
     from transformers import AutoTokenizer
 
-    qlora_dtype = ("bfloat16" if cfg.bf16 else "float32") if cfg.load_in_4bit else None
-    model, _ = load_merged(cfg.base_model, adapter_dir, "float32", cfg.trust_remote_code, qlora_dtype=qlora_dtype)
+    qlora_dtype = compute_dtype_name(cfg) if cfg.load_in_4bit else None
+    model, _ = load_merged(hub.base_model_dir(cfg), adapter_dir, "float32", cfg.trust_remote_code, qlora_dtype=qlora_dtype)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     save_merged(model, tokenizer, out_dir)
 
@@ -265,25 +260,18 @@ def _this_run(settings: EvalConfig, target: ModelTarget, answers: list[Answer]) 
 
 def write_outputs(out_dir: Path, report: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """`samples.jsonl` and `eval_report.json`, each written to a temporary file and renamed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir / f".{SAMPLES}.{os.getpid()}.tmp"
-    with temporary.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(temporary, out_dir / SAMPLES)
-    store.write_json_atomic(out_dir / REPORT, report)
+    atomic.write_jsonl(out_dir / SAMPLES, records)
+    atomic.write_json(out_dir / REPORT, report)
 
 
-@task(name="eval", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
-def eval_task(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str) -> dict[str, Any]:
+def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """Prefect artifacts of an eval run: the metrics table and the base-vs-tuned comparison."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from tasks.progress import artifact_key
 
-    manifest = run_eval(cfg, fingerprint, prep_fingerprint, train_fingerprint)
     create_table_artifact(table=metric_rows(manifest), key=artifact_key(cfg.name, "eval-metrics"), description="Eval metrics per model")
     create_markdown_artifact(markdown=comparison_markdown(manifest), key=artifact_key(cfg.name, "eval-comparison"))
-    return manifest
 
 
 def metric_rows(manifest: dict[str, Any]) -> list[dict[str, Any]]:

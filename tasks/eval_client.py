@@ -14,22 +14,30 @@ What you can rely on:
   request reached the server twice.
 - When requests fail for good, every answer that did arrive stays cached and `EvalRequestError`
   says how many are missing and what to change. API keys never appear in messages.
+- Under `spending_limit(budget)` (eval's `eval.budget_usd`), a request is not sent when what was
+  spent, plus what the requests in flight and this one are expected to cost (the dearest request
+  of that model so far), would pass the budget; `BudgetExceededError` then says what was spent.
+  Before the first answer of a model its price is unknown, so up to `eval.concurrency` first
+  requests can pass the budget by their own cost.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.config import EvalConfig
+from tasks.errors import ConfigFamilyError, ServiceError, StageFailedError
 from tasks.fingerprint import hash_json
 
 log = logging.getLogger("loraflow.eval")
@@ -38,12 +46,72 @@ Messages = list[dict[str, str]]
 NO_KEY = "none"  # the client insists on a key; servers without auth ignore it
 
 
-class EvalRequestError(RuntimeError):
+class EvalRequestError(ServiceError):
     """Requests to an eval endpoint failed after every retry; the answers that arrived are cached."""
 
 
-class ApiKeyError(RuntimeError):
+class ApiKeyError(ConfigFamilyError):
     """The API key named in the config cannot be found."""
+
+
+class BudgetExceededError(StageFailedError):
+    """Eval stopped asking because `eval.budget_usd` would be passed; the answers that arrived are
+    cached, so a re-run with a larger budget pays only for the rest. Never retried: a retry would
+    spend again."""
+
+    retryable = False
+
+
+@dataclass
+class SpendingLimit:
+    """One ledger for every request of an eval run (tuned, base, judge, test set)."""
+
+    budget_usd: float
+    prices: dict[str, Any]
+    spent_usd: float = 0.0
+    requests: int = 0
+    refused: int = 0
+    reserved_usd: float = 0.0
+    dearest: dict[str, float] = field(default_factory=dict)  # by model fingerprint
+
+    def reserve(self, target: ModelTarget) -> float:
+        expected = self.dearest.get(target.fingerprint, 0.0)
+        if self.spent_usd + self.reserved_usd + expected > self.budget_usd + 1e-12:
+            self.refused += 1
+            raise BudgetExceededError(target.role)
+        self.reserved_usd += expected
+        return expected
+
+    def charge(self, target: ModelTarget, answer: Answer, reserved: float) -> None:
+        from tasks.eval_metrics import cost_usd
+
+        cost = cost_usd(self.prices, target.price_names(), answer.prompt_tokens, answer.completion_tokens)
+        self.reserved_usd -= reserved
+        self.spent_usd += cost
+        self.requests += 1
+        self.dearest[target.fingerprint] = max(self.dearest.get(target.fingerprint, 0.0), cost)
+
+    def error(self) -> BudgetExceededError:
+        return BudgetExceededError(
+            f"eval.budget_usd={self.budget_usd:g} reached: {self.spent_usd:.6f} USD spent on {self.requests} requests in this "
+            f"run, {self.refused} more not sent. The answers that arrived are cached: raise eval.budget_usd (or lower "
+            "eval.max_samples) and run again to pay only for the rest."
+        )
+
+
+_SPENDING: contextvars.ContextVar[SpendingLimit | None] = contextvars.ContextVar("loraflow_eval_spending", default=None)
+
+
+@contextlib.contextmanager
+def spending_limit(budget_usd: float | None, prices: dict[str, Any]) -> Iterator[SpendingLimit | None]:
+    """Every `ask_all` inside shares one ledger: a context rather than an argument, so the judge
+    and every other caller of `ask_all` are covered without threading it through each call."""
+    ledger = SpendingLimit(budget_usd, prices) if budget_usd is not None else None
+    token = _SPENDING.set(ledger)
+    try:
+        yield ledger
+    finally:
+        _SPENDING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -136,8 +204,9 @@ def ask_all(
 ) -> list[Answer]:
     """Answers for every prompt, in order; cached answers are reused without a request."""
     cache = ResponseCache(cache_path(cache_dir, target))
+    ledger = _SPENDING.get()
     try:
-        return _run_to_completion(_ask_all(target, prompts, parameters, settings, cache))
+        return _run_to_completion(_ask_all(target, prompts, parameters, settings, cache, ledger))
     finally:
         cache.close()
 
@@ -154,7 +223,8 @@ def _run_to_completion(coroutine: Any) -> Any:
 
 
 async def _ask_all(
-    target: ModelTarget, prompts: Sequence[Messages], parameters: dict[str, Any], settings: EvalConfig, cache: ResponseCache
+    target: ModelTarget, prompts: Sequence[Messages], parameters: dict[str, Any], settings: EvalConfig, cache: ResponseCache,
+    ledger: SpendingLimit | None = None,
 ) -> list[Answer]:
     keys = [ResponseCache.key(target, messages, parameters) for messages in prompts]
     to_ask = {key: messages for key, messages in zip(keys, prompts) if key not in cache}
@@ -162,7 +232,9 @@ async def _ask_all(
     if to_ask:
         if target.base_url is None:
             raise EvalRequestError(f"{len(to_ask)} {target.role} answers are not cached and no endpoint was started for them")
-        failures = await _request_missing(target, to_ask, parameters, settings, cache, fresh)
+        failures = await _request_missing(target, to_ask, parameters, settings, cache, fresh, ledger)
+        if ledger is not None and any(isinstance(failure, BudgetExceededError) for failure in failures):
+            raise ledger.error() from None
         if failures:
             import openai
 
@@ -184,7 +256,7 @@ async def _ask_all(
 
 async def _request_missing(
     target: ModelTarget, to_ask: dict[str, Messages], parameters: dict[str, Any], settings: EvalConfig,
-    cache: ResponseCache, fresh: dict[str, Answer],
+    cache: ResponseCache, fresh: dict[str, Answer], ledger: SpendingLimit | None = None,
 ) -> list[BaseException]:
     from openai import AsyncOpenAI
 
@@ -195,7 +267,13 @@ async def _request_missing(
 
     async def ask(key: str, messages: Messages) -> None:
         async with limit:
-            raw = await client.chat.completions.with_raw_response.create(model=target.model, messages=messages, **parameters)
+            reserved = ledger.reserve(target) if ledger is not None else 0.0
+            try:
+                raw = await client.chat.completions.with_raw_response.create(model=target.model, messages=messages, **parameters)
+            except BaseException:
+                if ledger is not None:
+                    ledger.reserved_usd -= reserved
+                raise
             response = raw.parse()
         usage = response.usage
         answer = Answer(
@@ -205,6 +283,8 @@ async def _request_missing(
             latency_s=raw.elapsed.total_seconds(),
             retries=raw.retries_taken,
         )
+        if ledger is not None:
+            ledger.charge(target, answer, reserved)
         cache.put(key, answer)
         fresh[key] = answer
 

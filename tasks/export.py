@@ -22,8 +22,9 @@ Errors: `MergeVerificationError` (the merged model does not reproduce the adapte
 `ExportError` (nothing to verify with, adapter files missing), `GGUFExportError`, and
 `tasks.merge.MergeError`.
 
-Promotion into the model registry is a separate, uncached step (`promote_task`, tasks/registry.py):
-its decision depends on the current production version, not only on this stage's inputs.
+The model card and its lineage are written by `tasks/model_card.py`. Promotion into the model
+registry is a separate, uncached step (`tasks/promotion.py`): its decision depends on the current
+production version, not only on this stage's inputs.
 """
 
 from __future__ import annotations
@@ -35,18 +36,14 @@ import shutil
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from tasks import registry, store
-from tasks.config import ExportConfig, RunConfig, stage_settings
+from tasks import atomic, hub, model_card, store
+from tasks.config import ExportConfig, RunConfig
+from tasks.errors import StageFailedError
 from tasks.eval import load_eval_items
-from tasks.fingerprint import TASKS_DIR, FileHasher, code_version, hash_json
+from tasks.fingerprint import FileHasher
 from tasks.merge import (
     ModelOutputs,
     dequantize_into,
@@ -61,6 +58,7 @@ from tasks.merge import (
     torch_dtype,
     unchanged_weights,
 )
+from tasks.quantization import compute_dtype_name
 
 log = logging.getLogger("loraflow.export")
 
@@ -82,12 +80,7 @@ GGUF = "gguf"
 # 0.5, caught in float32 and float16 but within bfloat16's own noise, which is why the greedy
 # generations must match as well and why float32 is the default merge dtype.
 LOGIT_TOLERANCE = {"float32": 1e-4, "bfloat16": 0.1, "float16": 0.0125}
-# Settings that change what happens after the export, not its files: out of the fingerprint, so
-# changing the gate or the registry location does not merge again.
-_NOT_IN_FINGERPRINT = ("registry_dir", "promote_if", "hub_private", "hub_token_env")
-
-
-class ExportError(RuntimeError):
+class ExportError(StageFailedError):
     """The export cannot start or complete; the message says what is missing and what to do."""
 
 
@@ -99,39 +92,15 @@ class GGUFExportError(ExportError):
     """llama.cpp's GGUF converter was found but failed."""
 
 
-def fingerprint(cfg: RunConfig, train_fingerprint: str, eval_fingerprint: str) -> str:
-    settings = stage_settings(cfg, "export")
-    settings["export"] = {key: value for key, value in settings["export"].items() if key not in _NOT_IN_FINGERPRINT}
-    settings.pop("hub_model_id", None)  # the push happens on promotion, not here
-    return hash_json({
-        "settings": settings,
-        "train": train_fingerprint,
-        "eval": eval_fingerprint,
-        "code": code_version("export", "merge"),
-    })
-
-
-def training_dtype(cfg: RunConfig) -> str:
-    """The dtype the base was loaded (and, for QLoRA, quantized) in for training."""
-    from tasks.train import compute_dtype
-
-    return str(compute_dtype(cfg)).removeprefix("torch.")
-
-
-def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
-    final_dir = store.stage_dir(cfg, "export", fingerprint)
-    if (existing := store.read_manifest(final_dir)) is not None:
-        return existing
-    started = time.monotonic()
-    train_manifest = store.require_manifest(cfg, "train", train_fingerprint)
-    eval_manifest = store.require_manifest(cfg, "eval", eval_fingerprint)
-    adapter_dir = store.stage_dir(cfg, "train", train_fingerprint) / train_manifest["adapter_dir"]
+def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str, Any]:
+    """The export stage: the verified model, its model card and the manifest fields."""
+    train_manifest, eval_manifest = upstream["train"], upstream["eval"]
+    adapter_dir = store.output_dir(cfg, train_manifest) / train_manifest["adapter_dir"]
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise ExportError(f"{adapter_dir} holds no adapter_config.json; re-run training (`loraflow run CONFIG`)")
-    items = load_eval_items(store.stage_dir(cfg, "prep", prep_fingerprint), cfg.export.verify_prompts)
+        raise ExportError(f"{adapter_dir} holds no adapter_config.json; re-run training (`loraflow run CONFIG --refresh train`)")
+    items = load_eval_items(store.output_dir(cfg, upstream["prep"]), cfg.export.verify_prompts)
     if not items:
         raise ExportError("export verifies the merge on val prompts but the val split is empty: set val_set_size above 0")
-    work_dir = store.fresh_partial_dir(final_dir)
 
     from transformers import AutoTokenizer
 
@@ -141,7 +110,7 @@ def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fi
     ]
     qlora = train_manifest.get("adapter") == "qlora"
     # LoRA: the adapter on the base in the merge dtype. QLoRA: the model as trained (nf4 base).
-    reference_dtype = training_dtype(cfg) if qlora else cfg.export.merge_dtype
+    reference_dtype = compute_dtype_name(cfg) if qlora else cfg.export.merge_dtype
     export_one = _export_adapter if cfg.export.adapter_only else _export_merged
     verification = export_one(cfg, adapter_dir, tokenizer, prompts, work_dir / MODEL, qlora, reference_dtype)
     gguf = export_gguf(cfg.export, work_dir / MODEL, work_dir / GGUF)
@@ -151,25 +120,12 @@ def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fi
         "eval_loss": eval_manifest.get("eval_loss"),
         "eval_perplexity": eval_manifest.get("eval_perplexity"),
     }
-    lineage = {
-        "base_model": cfg.base_model,
-        "base_model_sha256": FileHasher(Path(cfg.state_dir) / "file-hashes.json").tree(Path(cfg.base_model)),
-        "adapter": train_manifest.get("adapter", cfg.adapter),
-        "data_fingerprint": prep_fingerprint,
-        "train_fingerprint": train_fingerprint,
-        "eval_fingerprint": eval_fingerprint,
-        "export_fingerprint": fingerprint,
-        "code_version": code_version("prep", "train", "eval", "export", "merge"),
-        "loraflow_version": _package_version(),
-        "git_commit": _git_commit(),
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
+    lineage = model_card.lineage(cfg, upstream)
     kind = "adapter" if cfg.export.adapter_only else "merged"
-    (work_dir / MODEL / "README.md").write_text(model_card(cfg, kind, lineage, verification, metrics), encoding="utf-8")
+    atomic.write_text(work_dir / MODEL / "README.md", model_card.render(cfg, kind, lineage, verification, metrics))
     manifest = {
-        "stage": "export",
-        "fingerprint": fingerprint,
         "model_dir": MODEL,
+        "model_sha256": FileHasher().tree(work_dir / MODEL),
         "kind": kind,
         "merge_dtype": cfg.export.merge_dtype,
         "max_logit_diff": verification["max_logit_diff"],
@@ -178,13 +134,12 @@ def run_export(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fi
         "gguf": gguf,
         "metrics": metrics,
         "lineage": lineage,
-        "duration_s": round(time.monotonic() - started, 2),
     }
     log.info(
         "export: %s model verified on %d prompts (max logit diff %.3g, %d weights changed, merge %.2f s)",
         kind, verification["prompts"], verification["max_logit_diff"], verification["weights_changed"], verification["merge_s"],
     )
-    return store.publish(work_dir, final_dir, manifest)
+    return manifest
 
 
 def _export_merged(
@@ -197,7 +152,7 @@ def _export_merged(
 
     merge_started = time.monotonic()
     if qlora:
-        base = load_base(cfg.base_model, settings.merge_dtype, cfg.trust_remote_code)
+        base = load_base(hub.base_model_dir(cfg), settings.merge_dtype, cfg.trust_remote_code)
         dequantize_into(adapter_model.get_base_model(), base)
         del adapter_model
         merged, changes = merge_into(base, adapter_dir)
@@ -229,7 +184,7 @@ def _trained_model_outputs(
     prompts: the reference every exported form is checked against."""
     stop_ids = end_of_turn_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    adapter_model = load_adapter_model(cfg.base_model, adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    adapter_model = load_adapter_model(hub.base_model_dir(cfg), adapter_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
     return adapter_model, model_outputs(adapter_model, prompts, cfg.export.verify_max_new_tokens, stop_ids, pad_id), stop_ids, pad_id
 
 
@@ -245,7 +200,7 @@ def _export_adapter(
     for path in adapter_dir.iterdir():
         if path.is_file() and path.name != "README.md":  # peft's stub card; ours replaces it
             shutil.copy2(path, out_dir / path.name)
-    exported = load_adapter_model(cfg.base_model, out_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
+    exported = load_adapter_model(hub.base_model_dir(cfg), out_dir, reference_dtype, cfg.trust_remote_code, load_in_4bit=qlora)
     candidate = model_outputs(exported, prompts, settings.verify_max_new_tokens, stop_ids, pad_id)
     del exported
     verification = verify(
@@ -365,81 +320,8 @@ def export_gguf(settings: ExportConfig, model_dir: Path, out_dir: Path) -> dict[
     return {"status": "written", "path": f"{GGUF}/{outfile.name}", "converter": str(converter), "outtype": settings.gguf_outtype}
 
 
-def model_card(cfg: RunConfig, kind: str, lineage: dict[str, Any], verification: dict[str, Any], metrics: dict[str, Any]) -> str:
-    settings = {stage: stage_settings(cfg, stage) for stage in ("prep", "train", "eval", "export")}
-    front_matter = ["---", "library_name: " + ("peft" if kind == "adapter" else "transformers"), "tags: [loraflow, lora]"]
-    if not Path(cfg.base_model).exists():  # a hub id, which the hub links; a local path would not resolve there
-        front_matter.append(f"base_model: {cfg.base_model}")
-    front_matter.append("---")
-    if kind == "adapter":
-        what = f"LoRA adapter (PEFT format) for `{cfg.base_model}`, trained with {lineage['adapter']} by loraflow."
-        usage = "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), THIS_DIR), or vLLM --lora-modules NAME=THIS_DIR"
-    else:
-        into = "the de-quantized nf4 base weights it was trained on" if lineage["adapter"] == "qlora" else "the base weights"
-        what = (
-            f"`{cfg.base_model}` fine-tuned with {lineage['adapter']}, the adapter merged into {into} "
-            f"({cfg.export.merge_dtype}) by loraflow."
-        )
-        usage = "AutoModelForCausalLM.from_pretrained(THIS_DIR), or `transformers serve THIS_DIR`"
-    return (
-        "\n".join(front_matter) + f"\n\n# {cfg.name}\n\n{what}\n\nLoad: {usage}.\n\n"
-        "## Lineage\n\n```json\n" + json.dumps(lineage, indent=2) + "\n```\n\n"
-        "## Verification\n\n"
-        f"Compared with the {verification['reference']} on {verification['prompts']} val prompts: max logit difference "
-        f"{verification['max_logit_diff']:.3g} (tolerance {verification['tolerance']:.3g}), greedy generations of "
-        f"{verification['max_new_tokens']} tokens identical on {verification['generations_match']} of {verification['prompts']}.\n\n"
-        + "".join(f"Note: {note}\n\n" for note in verification.get("notes", []))
-        + "## Eval metrics\n\n```json\n" + json.dumps(metrics, indent=2) + "\n```\n\n"
-        "## Config\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
-    )
-
-
-def _package_version() -> str | None:
-    try:
-        return metadata.version("loraflow")
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def _git_commit() -> str | None:
-    try:
-        result = subprocess.run(["git", "-C", str(TASKS_DIR.parent), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if result.returncode != 0:
-        return None
-    return result.stdout.strip() or None
-
-
 def link_output(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> Path:
     """Points `<output_dir>/model` at the exported model with an atomic symlink swap."""
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    link = output_dir / MODEL
-    temporary = output_dir / f".{MODEL}.{os.getpid()}.tmp"
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to((export_dir / manifest["model_dir"]).resolve(), target_is_directory=True)
-    os.replace(temporary, link)
+    link = Path(cfg.output_dir) / MODEL
+    atomic.replace_symlink(link, (export_dir / manifest["model_dir"]).resolve())
     return link
-
-
-@task(name="export", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
-def export_task(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, train_fingerprint: str, eval_fingerprint: str) -> dict[str, Any]:
-    return run_export(cfg, fingerprint, prep_fingerprint, train_fingerprint, eval_fingerprint)
-
-
-@task(name="promote", cache_policy=NO_CACHE)
-def promote_task(cfg: RunConfig, export_fingerprint: str) -> dict[str, Any]:
-    """Registers the export as a registry version and applies `export.promote_if` (never cached:
-    the decision depends on the current production version)."""
-    from prefect.artifacts import create_markdown_artifact
-
-    from tasks.progress import artifact_key
-
-    export_dir = store.stage_dir(cfg, "export", export_fingerprint)
-    decision = registry.register_and_gate(cfg, export_dir, store.require_manifest(cfg, "export", export_fingerprint))
-    create_markdown_artifact(
-        markdown=registry.decision_markdown(decision), key=artifact_key(cfg.name, "promotion"), description="Promotion gate decision"
-    )
-    log.info("promote: %s", decision["reason"])
-    return decision

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +65,9 @@ class FileHasher:
 
     def save(self) -> None:
         if self._dirty and self.memo_path is not None:
-            self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = self.memo_path.with_name(f".{self.memo_path.name}.{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(self._memo))
-            os.replace(temporary, self.memo_path)
+            from tasks import atomic
+
+            atomic.write_text(self.memo_path, json.dumps(self._memo))
             self._dirty = False
 
 

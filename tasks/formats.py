@@ -21,17 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import DatasetConfig
+from tasks.errors import DataFamilyError
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _BOM = b"\xef\xbb\xbf"
 
 
-class DatasetError(ValueError):
+class DatasetError(DataFamilyError):
     """A whole source is unusable (missing, empty, wrong shape); the message says how to fix it."""
 
 
-class RowError(ValueError):
+class RowError(DataFamilyError):
     """One row cannot be used; becomes a quarantine reason."""
 
 
@@ -168,6 +169,8 @@ def _chat_messages(dataset: DatasetConfig, messages: Any, strict_roles: bool) ->
         raise RowError(f"field `{field_name}` must be a non-empty list of messages")
     role_key = dataset.message_property_mappings.get("role", "role")
     content_key = dataset.message_property_mappings.get("content", "content")
+    # Other mapped properties (e.g. `thinking` from Axolotl's field_thinking) reach the chat template as they are.
+    extra_keys = {name: source for name, source in dataset.message_property_mappings.items() if name not in ("role", "content")}
     normalised = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -178,7 +181,10 @@ def _chat_messages(dataset: DatasetConfig, messages: Any, strict_roles: bool) ->
             raise RowError(f"`{field_name}[{index}].{role_key}` is {role!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(content, str) or not content.strip():
             raise RowError(f"`{field_name}[{index}].{content_key}` is empty or not a string")
-        normalised.append({"role": role, "content": content})
+        normalised.append({"role": role, "content": content,
+                           **{name: message[source] for name, source in extra_keys.items() if message.get(source) is not None}})
+    if dataset.drop_system_message and normalised[0]["role"] == "system":
+        normalised = normalised[1:]
     if not any(message["role"] in dataset.roles_to_train for message in normalised):
         raise RowError(f"no turn of a trained role ({', '.join(dataset.roles_to_train)}): nothing to train on")
     return normalised

@@ -2,10 +2,12 @@
 
 One process trains inside the train task itself. More than one (several visible GPUs, or
 `num_processes`), or a `deepspeed` / `fsdp` setting, and the task instead starts
-`accelerate launch -m tasks.launch worker ...` (torchrun underneath: DDP over NCCL on GPUs, over
+`accelerate launch -m tasks.train_worker ...` (torchrun underneath: DDP over NCCL on GPUs, over
 gloo on a CPU; DeepSpeed or FSDP as configured through the Trainer). Every process runs the same
-`train.train_and_publish`; the main one writes metrics, checkpoint markers and the published
-output, so checkpoints, resumption and the manifest are the same as in one process.
+`train.train_in_process`; the main one writes metrics, checkpoint markers and the adapter, and
+hands the manifest fields back in `train_result.json`, so checkpoints, resumption and the
+manifest are the same as in one process. This module never imports `tasks.train` (the worker
+entry point does), so the two do not import each other.
 
 What a user can rely on:
 - The number of processes is part of the train fingerprint (it changes the effective batch), so a
@@ -24,12 +26,12 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import json
 import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,9 +39,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from tasks import store
+from tasks import atomic
 from tasks.config import RunConfig
-from tasks.memory import GpuInfo, visible_gpus
+from tasks.errors import StageFailedError
+from tasks.gpus import GpuInfo, visible_gpus
+from tasks.serving import free_port
 
 log = logging.getLogger("loraflow.train")
 
@@ -48,6 +52,9 @@ RUN_CONFIG_ENV = "LORAFLOW_RUN_CONFIG"
 # Each process dies with its parent; the pid says which parent, so a child that was orphaned
 # before it could ask for that exits at once.
 PARENT_PID_ENV = "LORAFLOW_PARENT_PID"
+# Files in the train stage's work directory through which the task and its processes talk.
+LAUNCH_INPUTS = "launch_inputs.json"
+TRAIN_RESULT = "train_result.json"
 _OUTPUT_TAIL_LINES = 100
 _POLL_SECONDS = 0.5
 
@@ -67,7 +74,7 @@ _DEEPSPEED_MATCHES: tuple[tuple[str, str, Any], ...] = (
 )
 
 
-class LaunchError(RuntimeError):
+class LaunchError(StageFailedError):
     """The launched training processes failed; the message holds their exit status and last output."""
 
 
@@ -95,8 +102,19 @@ def plan_processes(cfg: RunConfig, gpus: list[GpuInfo] | None = None) -> Process
 
 
 def read_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON named by `deepspeed`, as a dict; ValueError naming the file when it is not one."""
+    """The DeepSpeed JSON named by `deepspeed`, as a dict; ValueError naming the file when it is not one.
+    Read once per process while the file is unchanged (keys, preflight and zero_stage all ask)."""
     path = Path(cfg.deepspeed or "")
+    try:
+        stat = path.stat()
+    except OSError as error:
+        raise ValueError(f"`deepspeed`: cannot read {path}: {error.strerror}") from None
+    return dict(_read_deepspeed_json(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=16)
+def _read_deepspeed_json(path_text: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    path = Path(path_text)
     try:
         settings = json.loads(path.read_text())
     except OSError as error:
@@ -120,10 +138,12 @@ def deepspeed_problems(cfg: RunConfig, processes: int) -> list[str]:
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"`deepspeed` {cfg.deepspeed}: zero_optimization.stage is {stage!r}; use 2 or 3 (ZeRO-2 / ZeRO-3)")
-    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+    # DeepSpeed's field is gather_16bit_weights_on_model_save; the stage3_ name is its older alias.
+    gather = zero.get("gather_16bit_weights_on_model_save", zero.get("stage3_gather_16bit_weights_on_model_save"))
+    if stage == 3 and gather is not True:
         problems.append(
-            f"`deepspeed` {cfg.deepspeed}: ZeRO-3 without zero_optimization.stage3_gather_16bit_weights_on_model_save: true "
-            "cannot save the adapter as safetensors; set it to true"
+            f"`deepspeed` {cfg.deepspeed}: ZeRO-3 without zero_optimization.gather_16bit_weights_on_model_save: true "
+            "(older name: stage3_gather_16bit_weights_on_model_save: true) cannot save the adapter as safetensors; set it to true"
         )
     for dotted, config_key, expected in _DEEPSPEED_MATCHES:
         value: Any = settings
@@ -144,7 +164,7 @@ def zero_stage(cfg: RunConfig) -> int | None:
 
 
 def launch_command(cfg: RunConfig, plan: ProcessPlan, worker_args: list[str], port: int) -> list[str]:
-    """`accelerate launch` for `plan`, running `tasks.launch worker` with `worker_args` in every process.
+    """`accelerate launch` for `plan`, running `tasks.train_worker` with `worker_args` in every process.
 
     torchrun starts the processes either way; the Trainer configures DDP, FSDP and DeepSpeed itself
     from its arguments. DeepSpeed goes through accelerate's DeepSpeed launcher, which also serves a
@@ -158,17 +178,21 @@ def launch_command(cfg: RunConfig, plan: ProcessPlan, worker_args: list[str], po
         command += ["--use_deepspeed", "--deepspeed_config_file", str(Path(cfg.deepspeed or "").resolve())]
     else:
         command += ["--multi_gpu"]
-    return [sys.executable, "-m", "tasks.launch", "launcher", *command, "-m", "tasks.launch", "worker", *worker_args]
+    return [sys.executable, "-m", "tasks.launch", *command, "-m", "tasks.train_worker", *worker_args]
 
 
-def run_launched(cfg: RunConfig, plan: ProcessPlan, fingerprint: str, prep_fingerprint: str, work_dir: Path,
-                 callbacks: list[Any]) -> None:
+def run_launched(cfg: RunConfig, plan: ProcessPlan, work_dir: Path, prep_manifest: dict[str, Any],
+                 callbacks: list[Any]) -> dict[str, Any]:
     """Starts the training processes and waits for them, relaying their progress to `callbacks`
-    (Trainer callbacks living in this process) and their output to the log."""
+    (Trainer callbacks living in this process) and their output to the log; returns the main
+    process's manifest fields."""
     from tasks.progress import PROGRESS_FILE, ProgressReplay
 
-    (work_dir / PROGRESS_FILE).unlink(missing_ok=True)  # a killed run's: the replay must wait for this run's
-    command = launch_command(cfg, plan, [fingerprint, prep_fingerprint], free_port())
+    # A killed run's files: the replay must wait for this run's, and the result must be this run's.
+    (work_dir / PROGRESS_FILE).unlink(missing_ok=True)
+    (work_dir / TRAIN_RESULT).unlink(missing_ok=True)
+    atomic.write_json(work_dir / LAUNCH_INPUTS, {"prep": prep_manifest})
+    command = launch_command(cfg, plan, [str(work_dir)], free_port())
     environment = {**os.environ, RUN_CONFIG_ENV: cfg.model_dump_json(), PARENT_PID_ENV: str(os.getpid())}
     log.info("train: launching %d %s processes", plan.processes, plan.strategy.upper())
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -208,19 +232,17 @@ def run_launched(cfg: RunConfig, plan: ProcessPlan, fingerprint: str, prep_finge
             f"the {plan.processes} training processes failed (accelerate launch exited with {returncode}); "
             "a re-run resumes from the last complete checkpoint. Last output:\n" + "\n".join(tail)
         )
-    replay.finish(store.stage_dir(cfg, "train", fingerprint))
+    replay.finish()
+    try:
+        return json.loads((work_dir / TRAIN_RESULT).read_text())
+    except FileNotFoundError:
+        raise LaunchError(f"the training processes exited cleanly but the main one wrote no {work_dir / TRAIN_RESULT}") from None
 
 
 def _read_lines(stream: Any, output: queue.Queue[str | None]) -> None:
     for line in stream:
         output.put(line.rstrip("\n"))
     output.put(None)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def die_with_parent() -> None:
@@ -244,21 +266,5 @@ def _launcher(arguments: list[str]) -> None:
     accelerate_launch(launch_command_parser().parse_args(arguments))
 
 
-def _worker(fingerprint: str, prep_fingerprint: str) -> None:
-    die_with_parent()
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(message)s", stream=sys.stderr)
-    from tasks.progress import PROGRESS_FILE, ProgressFile
-    from tasks.train import train_and_publish
-
-    cfg = RunConfig.model_validate_json(os.environ[RUN_CONFIG_ENV])
-    work_dir = store.partial_dir(store.stage_dir(cfg, "train", fingerprint))
-    train_and_publish(cfg, fingerprint, prep_fingerprint, callbacks=[ProgressFile(work_dir / PROGRESS_FILE)] if rank == "0" else [])
-
-
 if __name__ == "__main__":
-    role, *rest = sys.argv[1:]
-    if role == "launcher":
-        _launcher(rest)
-    else:
-        _worker(*rest)
+    _launcher(sys.argv[1:])

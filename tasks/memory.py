@@ -9,13 +9,11 @@ knobs to turn. All sizes are decimal GB (1e9 bytes), as GPU vendors print them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tasks.config import RunConfig
+from tasks.gpus import GpuInfo
 
 GB = 1e9
 # nf4 with double quantization: 4 bits a weight, one 8-bit absmax per block of 64 weights, and one
@@ -25,14 +23,6 @@ NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 CUDA_CONTEXT_GB = 0.5
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPU_ONLY_OPTIMIZERS = ("paged_adamw_8bit", "adamw_bnb_8bit")
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    memory_gb: float
-    compute_capability: float
 
 
 @dataclass(frozen=True)
@@ -73,7 +63,13 @@ class ModelShape:
 
 
 def read_model_config(cfg: RunConfig) -> dict[str, Any] | None:
-    path = Path(cfg.base_model) / "config.json"
+    """The base model's config.json, or None where the model is not on this machine (yet)."""
+    from tasks import hub
+
+    try:
+        path = hub.base_model(cfg).path / "config.json"
+    except hub.ModelNotFoundError:
+        return None
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -219,26 +215,6 @@ def out_of_memory_advice(
     if model_config is not None:
         estimate = f" (estimated peak {estimate_peak_memory(cfg, model_config, processes, zero_stage)['peak']:.1f} GB)"
     return f"training ran out of memory{estimate}: {memory_knobs(cfg)}"
-
-
-def visible_gpus() -> list[GpuInfo]:
-    """NVIDIA GPUs this process may use (honouring CUDA_VISIBLE_DEVICES), from nvidia-smi; [] without one."""
-    try:
-        listing = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=20, check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    gpus = []
-    for line in listing.strip().splitlines():
-        index, name, memory_mib, capability = (part.strip() for part in line.split(","))
-        gpus.append(GpuInfo(int(index), name, float(memory_mib) * 2**20 / GB, float(capability)))
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        wanted = [int(part) for part in visible.split(",") if part.strip().isdigit()]
-        gpus = [gpu for gpu in gpus if gpu.index in wanted]
-    return gpus
 
 
 def hardware_problems(cfg: RunConfig, gpus: list[GpuInfo]) -> list[str]:

@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import StageFailedError
+from tasks.quantization import keep_cpu_4bit_layers_exact, nf4_config
+
 log = logging.getLogger("loraflow.merge")
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,7 +32,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _END_OF_TURN_PROBE = "loraflow-end-of-turn-probe"
 
 
-class MergeError(RuntimeError):
+class MergeError(StageFailedError):
     """The adapter cannot be merged or the merged model cannot be saved as asked."""
 
 
@@ -57,18 +60,6 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def nf4_quantization_config(compute_dtype: Any) -> Any:
-    """The 4-bit config QLoRA training uses (tasks/train.py); a test pins the two to each other."""
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
-
-
 def load_base(base_model: str, dtype: str, trust_remote_code: bool = False, load_in_4bit: bool = False) -> Any:
     """The base model in `dtype`; with `load_in_4bit`, quantized to nf4 from weights in `dtype`."""
     import torch
@@ -78,10 +69,10 @@ def load_base(base_model: str, dtype: str, trust_remote_code: bool = False, load
     if torch.cuda.is_available():
         options["device_map"] = {"": 0}
     if load_in_4bit:
-        options["quantization_config"] = nf4_quantization_config(torch_dtype(dtype))
+        options["quantization_config"] = nf4_config(torch_dtype(dtype))
     model = AutoModelForCausalLM.from_pretrained(base_model, **options)
     if load_in_4bit:
-        _disable_cpu_repacking(model)
+        keep_cpu_4bit_layers_exact(model)
     model.eval()
     return model
 
@@ -239,13 +230,3 @@ def save_merged(model: Any, tokenizer: Any, out_dir: Path, max_shard_size: str =
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(out_dir)
-
-
-def _disable_cpu_repacking(model: Any) -> None:
-    """bitsandbytes on CPUs with avx512_bf16 repacks 4-bit weights into another layout the first
-    time they run under no_grad; keep the layout `dequantize_4bit` reads (see tasks/train.py)."""
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks.errors import DataFamilyError
+
 if TYPE_CHECKING:
     import torch
 
 IGNORE_INDEX = -100
 
 
-class PackingError(ValueError):
+class PackingError(DataFamilyError):
     """A sample or setting that packing cannot honour; the message names the sample and the fix."""
 
 

@@ -10,13 +10,212 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tasks.config import ConfigError, RunConfig
+from tasks.axolotl_keys import GPU_ONLY_OPTIMIZERS
+from tasks.config import ConfigError, RunConfig, check_config
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
 from tasks.launch import deepspeed_problems, plan_processes
-from tasks.memory import hardware_problems, visible_gpus
+from tasks.gpus import visible_gpus
+from tasks.memory import hardware_problems
+
+
+@dataclass
+class Checks:
+    """What the checks share, and what they found. `for_run=False` (`loraflow validate`, e.g. of a GPU
+    recipe on a laptop): a check that needs a GPU, or the model, is skipped with a note instead of
+    failing."""
+
+    cfg: RunConfig
+    for_run: bool
+    gpus: list[Any]
+    model_config: dict | None
+    processes: int
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    skipped_gpu_checks: list[str] = field(default_factory=list)
+
+    def needs_gpu(self, problem: str) -> None:
+        """A problem on this machine only because no GPU is visible: a note in `validate`."""
+        if self.gpus or self.for_run:
+            self.problems.append(problem)
+        else:
+            self.skipped_gpu_checks.append(problem)
+
+
+def check_datasets(checks: Checks) -> None:
+    for index, dataset in enumerate(checks.cfg.datasets):
+        if not Path(dataset.path).exists():
+            if checks.for_run or _looks_local(dataset.path):
+                checks.problems.append(f"`datasets[{index}].path`: {dataset.path} not found")
+            else:
+                checks.notes.append(
+                    f"dataset checks skipped for `datasets[{index}]`: {dataset.path} is not a local file here "
+                    "(a hub dataset id is read at run time)"
+                )
+            continue
+        try:
+            check_source(dataset)
+        except DatasetError as error:
+            checks.problems.append(f"`datasets[{index}]`: {error}")
+        if dataset.contract:
+            try:
+                load_contract(Path(checks.cfg.contract.dir), dataset.contract)
+            except ContractError as error:
+                checks.problems.append(f"`datasets[{index}].contract`: {error}")
+
+
+def check_model(checks: Checks) -> None:
+    cfg = checks.cfg
+    if checks.model_config is None:
+        if checks.for_run:
+            checks.problems.append(
+                f"`base_model`: {cfg.base_model} is not a local model directory with config.json "
+                "(loraflow never downloads; build the tiny model with `loraflow tiny-model DIR` or point at a local copy)"
+            )
+        else:
+            checks.notes.append(
+                f"model checks skipped: {cfg.base_model} has no config.json here (sequence_len limit, LoRA targets, memory estimate)"
+            )
+        return
+    limit = checks.model_config.get("max_position_embeddings")
+    if limit and cfg.sequence_len > limit:
+        checks.problems.append(
+            f"`sequence_len` {cfg.sequence_len} is above the model's maximum of {limit} "
+            f"(max_position_embeddings); set sequence_len <= {limit}"
+        )
+    missing = _missing_target_modules(cfg)
+    if missing:
+        checks.problems.append(
+            f"`lora_target_modules`: {', '.join(missing)} not found in the model's layers; "
+            "use names from the model (e.g. q_proj, v_proj) or `all-linear`"
+        )
+
+
+def check_hardware(checks: Checks) -> None:
+    for problem in hardware_problems(checks.cfg, checks.gpus):
+        checks.needs_gpu(problem)
+
+
+def check_flash_attention(checks: Checks) -> None:
+    cfg = checks.cfg
+    if not (cfg.flash_attention or cfg.attn_implementation == "flash_attention_2"):
+        return
+    if not cfg.bf16:
+        problem = "`flash_attention: true` needs half precision; set `bf16: true` (flash-attn has no fp32 kernels)"
+        # `bf16: auto` resolved to fp32 only because no GPU is visible here.
+        if cfg.precision_was_auto:
+            checks.needs_gpu(problem)
+        else:
+            checks.problems.append(problem)
+    if importlib.util.find_spec("flash_attn") is None:
+        checks.needs_gpu(
+            "`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false"
+        )
+
+
+def check_deepspeed(checks: Checks) -> None:
+    if not checks.cfg.deepspeed:
+        return
+    checks.problems.extend(deepspeed_problems(checks.cfg, checks.processes))
+    if importlib.util.find_spec("deepspeed") is None:
+        checks.needs_gpu("`deepspeed` is set but DeepSpeed is not installed; install the `gpu` extra (or `pip install deepspeed`)")
+
+
+def check_fsdp(checks: Checks) -> None:
+    if checks.cfg.fsdp_config is not None and checks.processes < 2:
+        checks.needs_gpu(
+            f"`fsdp` shards the model across processes but {checks.processes} will run; use two or more GPUs "
+            "(`num_processes`), or drop `fsdp` and save memory with `adapter: qlora` / `gradient_checkpointing: true`"
+        )
+
+
+def check_kernels(checks: Checks) -> None:
+    if checks.cfg.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        checks.needs_gpu("`liger_kernel: true` but liger-kernel is not installed; install the `gpu` extra or set liger_kernel: false")
+
+
+def check_quantization(checks: Checks) -> None:
+    cfg = checks.cfg
+    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        checks.problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
+    if cfg.load_in_8bit and not checks.gpus:
+        checks.needs_gpu(
+            "`load_in_8bit` (bitsandbytes LLM.int8 weights) needs a CUDA GPU and none is visible; use `adapter: qlora` "
+            "(4-bit nf4, which also trains on a CPU) or plain `lora`"
+        )
+
+
+def check_optimizer(checks: Checks) -> None:
+    if checks.cfg.optimizer in GPU_ONLY_OPTIMIZERS and not checks.gpus:
+        checks.needs_gpu(f"`optimizer: {checks.cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
+
+
+def check_tokenizer_and_adapter_files(checks: Checks) -> None:
+    """Local files the tokenizer settings and a warm start name (hub ids are resolved at run time)."""
+    cfg = checks.cfg
+    for setting, value, marker in (
+        ("tokenizer_config", cfg.tokenizer_config, "tokenizer_config.json"),
+        ("lora_model_dir", cfg.lora_model_dir, "adapter_config.json"),
+        ("base_model_config", cfg.base_model_config, "config.json"),
+    ):
+        if value is None or not _looks_local(value):
+            continue
+        if not (Path(value) / marker).is_file():
+            checks.problems.append(f"`{setting}`: {value} has no {marker}; point it at a directory holding one")
+    jinja = cfg.chat_template_jinja
+    if jinja and "{" not in jinja and jinja.endswith(".jinja") and not Path(jinja).is_file():
+        checks.problems.append(f"`chat_template_jinja`: {jinja} not found; give the template text or an existing .jinja file")
+
+
+def check_eval(checks: Checks) -> None:
+    cfg = checks.cfg
+    if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):
+        checks.problems.append("`eval.endpoint: external` needs `eval.base_url` and `eval.model`")
+    key_settings = (("eval.api_key_env", cfg.eval.api_key_env), ("eval.judge.api_key_env", cfg.eval.judge and cfg.eval.judge.api_key_env))
+    for setting, env_name in key_settings:
+        if env_name and not os.environ.get(env_name):
+            checks.problems.append(f"`{setting}` names the environment variable {env_name}, which is not set; export it before running")
+    if cfg.eval.endpoint == "vllm":
+        from tasks.serving import EndpointUnavailableError, check_vllm_available
+
+        try:
+            check_vllm_available()
+        except EndpointUnavailableError as error:
+            checks.needs_gpu(str(error))
+    if cfg.val_set_size == 0 and cfg.eval.endpoint in ("local", "vllm"):
+        problem = "`val_set_size` is 0, so eval has nothing to score; set it to e.g. 0.05"
+        if checks.for_run:
+            checks.problems.append(problem)
+        else:
+            checks.notes.append(
+                "`val_set_size: 0`: no val split, so eval and the merge check have nothing to score; "
+                "`loraflow run` refuses this until val_set_size is above 0 (e.g. 0.05)"
+            )
+
+
+# Every preflight check, in the order its findings are listed.
+CHECKS: tuple[Callable[[Checks], None], ...] = (
+    check_datasets, check_model, check_hardware, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
+    check_quantization, check_optimizer, check_tokenizer_and_adapter_files, check_eval,
+)
+
+
+def run_checks(cfg: RunConfig, *, for_run: bool = True) -> Checks:
+    """Runs every check; returns what they found (problems and notes), never raises for a finding."""
+    gpus = visible_gpus()
+    checks = Checks(cfg, for_run, gpus, _read_model_config(cfg), plan_processes(cfg, gpus).processes)
+    for check in CHECKS:
+        check(checks)
+    checks.problems = list(dict.fromkeys(checks.problems))  # two checks may name the same setting
+    if checks.skipped_gpu_checks:
+        settings = dict.fromkeys(problem.split("`")[1].split(":")[0] for problem in checks.skipped_gpu_checks)
+        checks.notes.append("GPU checks skipped: no GPU is visible here, and this config needs one for: " + "; ".join(settings))
+    return checks
 
 
 def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bool = True) -> list[str]:
@@ -25,104 +224,72 @@ def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bo
     With `for_run=False` (`loraflow validate`, e.g. of a GPU recipe on a laptop), a missing base
     model or a machine without a GPU skips the checks that need them, with a note, instead of failing.
     """
-    problems: list[str] = []
-    notes: list[str] = []
-    model_config = _read_model_config(cfg, problems if for_run else None)
-
-    for index, dataset in enumerate(cfg.datasets):
-        if not Path(dataset.path).exists():
-            problems.append(f"`datasets[{index}].path`: {dataset.path} not found")
-            continue
-        try:
-            check_source(dataset)
-        except DatasetError as error:
-            problems.append(f"`datasets[{index}]`: {error}")
-        if dataset.contract:
-            try:
-                load_contract(Path(cfg.contract.dir), dataset.contract)
-            except ContractError as error:
-                problems.append(f"`datasets[{index}].contract`: {error}")
-
-    if model_config is not None:
-        limit = model_config.get("max_position_embeddings")
-        if limit and cfg.sequence_len > limit:
-            problems.append(
-                f"`sequence_len` {cfg.sequence_len} is above the model's maximum of {limit} "
-                f"(max_position_embeddings); set sequence_len <= {limit}"
-            )
-        missing = _missing_target_modules(cfg)
-        if missing:
-            problems.append(
-                f"`lora_target_modules`: {', '.join(missing)} not found in the model's layers; "
-                "use names from the model (e.g. q_proj, v_proj) or `all-linear`"
-            )
-    else:
-        notes.append(
-            f"model checks skipped: {cfg.base_model} has no config.json here (sequence_len limit, LoRA targets, memory estimate)"
+    checks = run_checks(cfg, for_run=for_run)
+    if checks.problems:
+        raise ConfigError(
+            f"{config_path}: {len(checks.problems)} problem(s) found before running:\n" + "\n".join(f"  - {p}" for p in checks.problems)
         )
+    return checks.notes
 
-    gpus = visible_gpus()
-    hardware = hardware_problems(cfg, gpus)
-    if gpus or for_run:
-        problems.extend(hardware)
-    elif hardware:
-        notes.append("GPU checks skipped: no GPU is visible here, and this config needs one for: " + "; ".join(
-            problem.split("`")[1] for problem in hardware
-        ))
 
-    if cfg.flash_attention or cfg.attn_implementation == "flash_attention_2":
-        if not cfg.bf16:
-            problems.append("`flash_attention: true` needs half precision; set `bf16: true` (flash-attn has no fp32 kernels)")
-        if importlib.util.find_spec("flash_attn") is None:
-            problems.append(
-                "`flash_attention: true` but flash-attn is not installed; install the `gpu` extra or set flash_attention: false"
-            )
-    processes = plan_processes(cfg, gpus).processes
-    if cfg.deepspeed:
-        problems.extend(deepspeed_problems(cfg, processes))
-        if importlib.util.find_spec("deepspeed") is None and (gpus or for_run):
-            problems.append("`deepspeed` is set but DeepSpeed is not installed; install the `gpu` extra (or `pip install deepspeed`)")
-    if cfg.fsdp_config is not None and processes < 2 and (gpus or for_run):
-        problems.append(
-            f"`fsdp` shards the model across processes but {processes} will run; use two or more GPUs "
-            "(`num_processes`), or drop `fsdp` and save memory with `adapter: qlora` / `gradient_checkpointing: true`"
-        )
-    if cfg.liger_kernel and importlib.util.find_spec("liger_kernel") is None:
-        problems.append("`liger_kernel: true` but liger-kernel is not installed; install the `gpu` extra or set liger_kernel: false")
-    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
-        problems.append("`adapter: qlora` needs bitsandbytes; `pip install bitsandbytes` or use `adapter: lora`")
-    if cfg.eval.endpoint == "external" and not (cfg.eval.base_url and cfg.eval.model):
-        problems.append("`eval.endpoint: external` needs `eval.base_url` and `eval.model`")
-    key_settings = (("eval.api_key_env", cfg.eval.api_key_env), ("eval.judge.api_key_env", cfg.eval.judge and cfg.eval.judge.api_key_env))
-    for setting, env_name in key_settings:
-        if env_name and not os.environ.get(env_name):
-            problems.append(f"`{setting}` names the environment variable {env_name}, which is not set; export it before running")
-    if cfg.eval.endpoint == "vllm":
-        from tasks.serving import EndpointUnavailableError, check_vllm_available
+@dataclass
+class Validation:
+    """`loraflow validate`'s answer: every problem and note of the schema and the preflight checks."""
 
+    config: str
+    problems: list[str]
+    notes: list[str]
+    memory_estimate: dict[str, Any] | None = None
+    estimate_lines: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {"config": self.config, "ok": self.ok, "problems": self.problems, "notes": self.notes,
+                "memory_estimate": self.memory_estimate}
+
+
+def validate_config(config_path: str | Path) -> Validation:
+    """The schema and every preflight check in one pass, as `loraflow validate` reports them. Schema
+    errors do not hide the preflight findings: the checks run on the settings that are valid."""
+    from tasks.launch import zero_stage
+    from tasks.memory import describe_estimate, estimate_peak_memory
+
+    try:
+        report = check_config(config_path)
+    except ConfigError as error:
+        return Validation(str(config_path), [str(error).removeprefix(f"{config_path}: ")], [])
+    problems, notes = list(report.problems), list(report.notes)
+    if report.cfg is None:
+        notes.append("preflight checks skipped: the config lacks a setting they need (see the problems)")
+        return Validation(str(config_path), problems, notes)
+    checks = run_checks(report.cfg, for_run=False)
+    problems += [problem for problem in checks.problems if problem not in problems]
+    notes += checks.notes
+    validation = Validation(str(config_path), problems, notes)
+    if checks.model_config is not None and not report.partial:
         try:
-            check_vllm_available()
-        except EndpointUnavailableError as error:
-            problems.append(str(error))
-    if cfg.val_set_size == 0 and cfg.eval.endpoint in ("local", "vllm"):
-        problems.append("`val_set_size` is 0, so eval has nothing to score; set it to e.g. 0.05")
+            stage = zero_stage(report.cfg)
+        except ValueError:
+            stage = None  # an unreadable DeepSpeed JSON is reported above
+        estimate = estimate_peak_memory(report.cfg, checks.model_config, checks.processes, stage)
+        validation.memory_estimate = {**{key: round(value, 3) for key, value in estimate.items()}, "processes": checks.processes,
+                                      "unit": "GB"}
+        validation.estimate_lines = describe_estimate(report.cfg, estimate, checks.gpus, checks.processes)
+    return validation
 
-    if problems:
-        raise ConfigError(f"{config_path}: {len(problems)} problem(s) found before running:\n" + "\n".join(f"  - {p}" for p in problems))
-    return notes
+
+def _looks_local(value: str) -> bool:
+    """A path, not a hub id (`org/name`): starts with `.`, `/` or `~`, or exists here."""
+    return value.startswith((".", "/", "~")) or Path(value).exists() or value.count("/") != 1
 
 
-def _read_model_config(cfg: RunConfig, problems: list[str] | None) -> dict | None:
-    """The model's config.json; without one, a problem is added to `problems` (None: only skip)."""
-    base = Path(cfg.base_model)
-    config_file = base / "config.json"
+def _read_model_config(cfg: RunConfig) -> dict | None:
+    """The model's config.json (from `base_model_config` when set); None when there is none here."""
+    config_file = Path(cfg.base_model_config or cfg.base_model) / "config.json"
     if not config_file.is_file():
-        if problems is None:
-            return None
-        problems.append(
-            f"`base_model`: {cfg.base_model} is not a local model directory with config.json "
-            "(loraflow never downloads; build the tiny model with `loraflow tiny-model DIR` or point at a local copy)"
-        )
         return None
     return json.loads(config_file.read_text())
 

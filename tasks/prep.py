@@ -4,27 +4,27 @@ packed Arrow shards + manifest.
 Two streaming passes keep memory flat however large the sources are: the first reads, converts
 and tokenizes row by row into a memory-mapped sample file (quarantining bad rows as it goes); the
 second packs by lengths alone and copies samples into shards. Reads only the tokenizer of the base
-model, never its weights, so the fingerprint changes only when the data, the tokenizer, the
-contracts or the prep settings do.
+model, never its weights. The stage is declared in `tasks/stages.py`: its key changes when the
+data, the contracts, the tokenizer, the prep settings or this code do; train, eval and export
+re-run only when the shards or the val items it publishes change.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
-from tasks import store
+from tasks import atomic, hub
 from tasks.chat_tokens import ContentError, TokenizedConversation, render_conversation, tokenize_rendered, tokenize_segments
-from tasks.config import DatasetConfig, RunConfig, stage_settings
-from tasks.contracts import ContractError, contract_path, describe_failures, load_contract, validate_frames
-from tasks.fingerprint import FileHasher, code_version, hash_json
+from tasks.config import DatasetConfig, RunConfig
+from tasks.contracts import ContractError, describe_failures, load_contract, validate_frames
+from tasks.fingerprint import FileHasher, hash_json
 from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
+from tasks.fragments import FragmentError, fragment_settings, split_row
 from tasks.packing import pack_lengths, packed_row
 from tasks.shards import SampleFile, add_hashes, write_shards
 
@@ -33,45 +33,23 @@ log = logging.getLogger("loraflow.prep")
 ROWS_PER_SHARD = 50_000
 CONTRACT_CHUNK_ROWS = 100_000
 TOKENIZE_BATCH = 512
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "chat_template.jinja", "vocab*", "merges.txt", "*.model")
+VAL_ITEMS = "val_messages.jsonl"
+TEST_ITEMS = "test_messages.jsonl"
 PREP_REPORT_KEYS = (
     "rows_in", "rows_accepted", "rows_quarantined", "train_samples", "val_samples", "tokens", "trained_tokens", "packing_efficiency",
 )
 LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def tokenizer_hash(base_model: Path, hasher: FileHasher) -> str:
-    files = sorted({path for pattern in TOKENIZER_FILES for path in base_model.glob(pattern) if path.is_file()})
-    return hash_json({path.name: hasher.file(path) for path in files})
+def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str, Any]:
+    """The prep stage (see the module docstring): its manifest fields, with every file in `work_dir`."""
+    from tasks.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(cfg, hub.base_model_dir(cfg))
 
-def source_hash(path: Path, hasher: FileHasher) -> str:
-    return hasher.tree(path) if path.is_dir() else hasher.file(path)
-
-
-def fingerprint(cfg: RunConfig, hasher: FileHasher) -> str:
-    contract_dir = Path(cfg.contract.dir)
-    return hash_json({
-        "settings": stage_settings(cfg, "prep"),
-        "sources": [source_hash(Path(dataset.path), hasher) for dataset in cfg.datasets],
-        "contracts": [
-            hasher.file(contract_path(contract_dir, dataset.contract)) if dataset.contract else None
-            for dataset in cfg.datasets
-        ],
-        "tokenizer": tokenizer_hash(Path(cfg.base_model), hasher),
-        "code": code_version("prep", "formats", "chat_tokens", "contracts", "packing", "shards"),
-    })
-
-
-def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
-    final_dir = store.stage_dir(cfg, "prep", fingerprint)
-    if (existing := store.read_manifest(final_dir)) is not None:
-        return existing
-    started = time.monotonic()
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
-    work_dir = store.fresh_partial_dir(final_dir)
+    # The pinned test set first: its rows are held out of training.
+    test_set = read_test_set(cfg, tokenizer, work_dir) if cfg.eval.test_set else None
+    held_out = test_set.pop("hashes") if test_set else {}
 
     # Pass 1: every row becomes a tokenized sample or a quarantine record.
     samples = SampleFile(work_dir / "samples.tmp.arrow")
@@ -79,15 +57,17 @@ def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     with (work_dir / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
         seen_hashes: dict[str, tuple[str, int]] = {}
         for index, dataset in enumerate(cfg.datasets):
-            sources.append(_read_source(cfg, index, dataset, tokenizer, samples, quarantine, seen_hashes, work_dir))
+            sources.append(_read_source(cfg, index, dataset, tokenizer, samples, quarantine, seen_hashes, work_dir, held_out))
     samples.close()
 
     rows_in = sum(source["rows_in"] for source in sources)
     rows_accepted = sum(source["rows_accepted"] for source in sources)
     rows_quarantined = sum(source["rows_quarantined"] for source in sources)
+    rows_overlapping = sum(source["rows_overlapping_test_set"] for source in sources)
     if rows_in != rows_accepted + rows_quarantined:
         raise AssertionError(f"row accounting broke: {rows_in} in, {rows_accepted} accepted, {rows_quarantined} quarantined")
-    _check_quarantine(cfg, final_dir, rows_in, rows_quarantined, work_dir / "quarantine.jsonl")
+    # Rows held out for the test set are a decision, not bad data: they do not count against the threshold.
+    _check_quarantine(cfg, rows_in, rows_quarantined - rows_overlapping, work_dir / "quarantine.jsonl")
     for index, source in enumerate(sources):
         if source["contract"] and not source["contract"]["passed"]:
             raise ContractError(describe_failures(source["contract"], cfg.datasets[index].path))
@@ -101,9 +81,8 @@ def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     val_bins = _bins(cfg, reader.lengths, val_indices)
     train_shards = add_hashes(write_shards(_packed_rows(reader, train_bins), work_dir, "train", ROWS_PER_SHARD), work_dir)
     val_shards = add_hashes(write_shards(_packed_rows(reader, val_bins), work_dir, "val", ROWS_PER_SHARD), work_dir)
-    with (work_dir / "val_messages.jsonl").open("w", encoding="utf-8") as handle:
-        for index in val_indices:
-            handle.write(json.dumps({"messages": reader.messages(index)}, ensure_ascii=False) + "\n")
+    val_messages = (reader.messages(index) for index in val_indices)
+    atomic.write_jsonl(work_dir / VAL_ITEMS, ({"messages": messages} for messages in val_messages if messages))
     lengths = reader.lengths
     train_tokens = sum(lengths[i] for i in train_indices)
     efficiency = train_tokens / (len(train_bins) * cfg.sequence_len) if train_bins else 0.0
@@ -112,12 +91,12 @@ def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     (work_dir / "samples.tmp.arrow").unlink()
 
     manifest = {
-        "stage": "prep",
-        "fingerprint": fingerprint,
         "sources": sources,
         "rows_in": rows_in,
         "rows_accepted": rows_accepted,
         "rows_quarantined": rows_quarantined,
+        "documents_split": sum(source["documents_split"] for source in sources),
+        "fragments_made": sum(source["fragments_made"] for source in sources),
         "train_samples": len(train_indices),
         "val_samples": len(val_indices),
         "train_rows": len(train_bins),
@@ -128,28 +107,36 @@ def run_prep(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
         "packing_efficiency": round(efficiency, 5),
         "train_shards": train_shards,
         "val_shards": val_shards,
-        "duration_s": round(time.monotonic() - started, 2),
+        "val_items": VAL_ITEMS,
+        "val_items_sha256": FileHasher().file(work_dir / VAL_ITEMS),
+        "rows_overlapping_test_set": rows_overlapping,
+        **({"test_set": test_set, "test_items": TEST_ITEMS, "test_items_sha256": test_set["items_sha256"]} if test_set else {}),
     }
+    if rows_overlapping:
+        log.warning("prep: %d training rows also occur in the test set; they were dropped from training (see quarantine.jsonl)",
+                    rows_overlapping)
     log.info(
         "prep: %d rows in, %d accepted, %d quarantined; %d train / %d val samples; packing efficiency %.4f",
         rows_in, rows_accepted, rows_quarantined, len(train_indices), len(val_indices), efficiency,
     )
-    return store.publish(work_dir, final_dir, manifest)
+    return manifest
 
 
 def _read_source(
     cfg: RunConfig, index: int, dataset: DatasetConfig, tokenizer: Any, samples: SampleFile, quarantine: Any,
-    seen_hashes: dict[str, tuple[str, int]], work_dir: Path,
+    seen_hashes: dict[str, tuple[str, int]], work_dir: Path, held_out: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     check_source(dataset)
-    counts = {"rows_in": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_truncated": 0, "rows_duplicate": 0}
+    held_out = held_out or {}
+    counts = {"rows_in": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_truncated": 0, "rows_duplicate": 0,
+              "rows_overlapping_test_set": 0, "documents_split": 0, "fragments_made": 0}
 
     def reject(record: Rejected) -> None:
         counts["rows_quarantined"] += 1
         quarantine.write(json.dumps(record.as_record(), ensure_ascii=False) + "\n")
 
     def accepted_rows() -> Iterator[dict[str, Any]]:
-        for chunk in _batches(read_conversations(dataset), TOKENIZE_BATCH):
+        for chunk in _batches(itertools.islice(read_conversations(dataset), cfg.dataset_max_rows), TOKENIZE_BATCH):
             conversations = []
             for item in chunk:
                 counts["rows_in"] += 1
@@ -157,6 +144,11 @@ def _read_source(
                     reject(item)
                     continue
                 content_hash = hash_json({"kind": item.kind, "messages": item.messages})
+                if content_hash in held_out:
+                    counts["rows_overlapping_test_set"] += 1
+                    reject(_rejected(item, f"also in the test set (eval.test_set, line {held_out[content_hash]}): held out, "
+                                           "never trained on"))
+                    continue
                 if cfg.dataset_exact_deduplication:
                     if content_hash in seen_hashes:
                         first_source, first_line = seen_hashes[content_hash]
@@ -170,18 +162,32 @@ def _read_source(
                 if isinstance(tokens, ContentError):
                     reject(_rejected(item, str(tokens)))
                     continue
+                pieces = [tokens]
                 if len(tokens.input_ids) > cfg.sequence_len:
                     if cfg.excess_length_strategy == "quarantine":
                         reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
-                                               "raise sequence_len, shorten the row, or set excess_length_strategy: truncate"))
+                                               "raise sequence_len, shorten the row, or set excess_length_strategy: split (or truncate)"))
                         continue
-                    tokens = tokens.truncated(cfg.sequence_len)
-                    counts["rows_truncated"] += 1
-                if tokens.trained_tokens == 0:
+                    if cfg.excess_length_strategy == "split":
+                        try:
+                            pieces = split_row(tokenizer, item.kind, item.messages, dataset.roles_to_train, tokens, fragment_settings(cfg))
+                        except FragmentError as error:
+                            reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}, "
+                                                   f"and cannot be split: {error}"))
+                            continue
+                        counts["documents_split"] += 1
+                        counts["fragments_made"] += len(pieces)
+                    else:
+                        pieces = [tokens.truncated(cfg.sequence_len)]
+                        counts["rows_truncated"] += 1
+                if sum(piece.trained_tokens for piece in pieces) == 0:
                     reject(_rejected(item, "no trained tokens after masking (or truncation)"))
                     continue
                 counts["rows_accepted"] += 1
-                samples.append(tokens, item.messages, content_hash)
+                # Fragments share the row's hash (one split for the whole document) and only the first
+                # carries its messages: the document is one eval item, not one per fragment.
+                for position, piece in enumerate(pieces):
+                    samples.append(piece, item.messages if position == 0 else [], content_hash)
                 yield _contract_columns(item, tokens)
 
     contract_summary = None
@@ -194,6 +200,47 @@ def _read_source(
         for _ in accepted_rows():
             pass
     return {"type": dataset.type, **counts, "contract": contract_summary}
+
+
+def read_test_set(cfg: RunConfig, tokenizer: Any, work_dir: Path) -> dict[str, Any]:
+    """Reads the pinned test set (`eval.test_set`), checks it against its own contract and writes its
+    items to `test_messages.jsonl`. A test set must be clean: any unreadable row, or one without an
+    assistant turn to score, fails prep naming the file and line. Returns the manifest's `test_set`
+    summary, plus `hashes` (row content hash -> line) for dropping its rows from training."""
+    dataset = cfg.eval.test_set
+    assert dataset is not None
+    check_source(dataset)
+    hashes: dict[str, int] = {}
+    items: list[dict[str, Any]] = []
+    problems: list[str] = []
+    columns: list[dict[str, Any]] = []
+    for chunk in _batches(read_conversations(dataset), TOKENIZE_BATCH):
+        conversations = []
+        for item in chunk:
+            if isinstance(item, Rejected):
+                problems.append(f"line {item.line}: {item.reason}")
+            elif item.kind != "chat" or not any(message["role"] == "assistant" for message in item.messages):
+                problems.append(f"line {item.line}: no assistant turn to score")
+            else:
+                conversations.append(item)
+        for item, tokens in zip(conversations, _tokenize_batch(cfg, dataset, tokenizer, conversations)):
+            hashes.setdefault(hash_json({"kind": item.kind, "messages": item.messages}), item.line)
+            items.append({"messages": item.messages})
+            columns.append(_contract_columns(item, None if isinstance(tokens, ContentError) else tokens))
+    if problems:
+        shown = "; ".join(problems[:5])
+        raise DatasetError(f"eval.test_set {dataset.path}: {len(problems)} row(s) cannot be scored ({shown}); fix or remove them")
+    if not items:
+        raise DatasetError(f"eval.test_set {dataset.path} has no rows")
+    contract_summary = None
+    if dataset.contract:
+        docs_dir = work_dir / "data_docs" / "test-set"
+        contract_summary = validate_frames(load_contract(Path(cfg.contract.dir), dataset.contract), _frames(iter(columns)), docs_dir)
+        if not contract_summary["passed"]:
+            raise ContractError(describe_failures(contract_summary, dataset.path))
+    atomic.write_jsonl(work_dir / TEST_ITEMS, items)
+    return {"rows": len(items), "items_sha256": FileHasher().file(work_dir / TEST_ITEMS), "contract": contract_summary,
+            "hashes": hashes}
 
 
 def _rejected(item: Conversation, reason: str) -> Rejected:
@@ -254,6 +301,27 @@ def _contract_columns(item: Conversation, tokens: TokenizedConversation | None) 
     }
 
 
+def check_contract(dataset: DatasetConfig, contract_dir: Path, tokenizer: Any | None, docs_dir: Path | None = None) -> dict[str, Any]:
+    """Validates one source against its contract without running the pipeline (the
+    `loraflow contract check` command). Without a tokenizer, token columns are absent."""
+    check_source(dataset)
+    contract = load_contract(contract_dir, dataset.contract or "")
+    counts = {"rows_in": 0, "rows_rejected": 0}
+    settings = RunConfig.model_construct(train_on_inputs=False)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for chunk in _batches(read_conversations(dataset), TOKENIZE_BATCH):
+            counts["rows_in"] += len(chunk)
+            items = [item for item in chunk if not isinstance(item, Rejected)]
+            counts["rows_rejected"] += len(chunk) - len(items)
+            tokenized = _tokenize_batch(settings, dataset, tokenizer, items) if tokenizer else [None] * len(items)
+            for item, tokens in zip(items, tokenized):
+                yield _contract_columns(item, None if isinstance(tokens, ContentError) else tokens)
+
+    summary = validate_frames(contract, _frames(rows()), docs_dir)
+    return {**summary, **counts}
+
+
 def _frames(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
     import pandas as pd
 
@@ -267,7 +335,7 @@ def _frames(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
         yield pd.DataFrame(chunk)
 
 
-def _check_quarantine(cfg: RunConfig, final_dir: Path, rows_in: int, rows_quarantined: int, quarantine_file: Path) -> None:
+def _check_quarantine(cfg: RunConfig, rows_in: int, rows_quarantined: int, quarantine_file: Path) -> None:
     if rows_in and rows_quarantined / rows_in > cfg.contract.max_rejected_fraction:
         reasons: list[str] = []
         with quarantine_file.open(encoding="utf-8") as handle:
@@ -279,7 +347,7 @@ def _check_quarantine(cfg: RunConfig, final_dir: Path, rows_in: int, rows_quaran
                     break
         raise DatasetError(
             f"{rows_quarantined} of {rows_in} rows ({rows_quarantined / rows_in:.1%}) were quarantined, above "
-            f"contract.max_rejected_fraction={cfg.contract.max_rejected_fraction}; see {store.partial_dir(final_dir)}/quarantine.jsonl. "
+            f"contract.max_rejected_fraction={cfg.contract.max_rejected_fraction}; see {quarantine_file}. "
             f"Reasons include: {'; '.join(reasons)}"
         )
     if rows_in == rows_quarantined:
@@ -322,13 +390,12 @@ def _histogram(lengths: list[int]) -> dict[str, int]:
     return {key: count for key, count in histogram.items() if count}
 
 
-@task(name="prep", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
-def prep_task(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
+def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """Prefect artifacts of a prep run: the row counts and the data contract's results."""
     from prefect.artifacts import create_table_artifact
 
     from tasks.progress import artifact_key
 
-    manifest = run_prep(cfg, fingerprint)
     create_table_artifact(
         table=[{key: manifest[key] for key in PREP_REPORT_KEYS}],
         key=artifact_key(cfg.name, "prep-report"),
@@ -341,4 +408,3 @@ def prep_task(cfg: RunConfig, fingerprint: str) -> dict[str, Any]:
     ]
     if checks:
         create_table_artifact(table=checks, key=artifact_key(cfg.name, "data-contract"), description="Data contract results")
-    return manifest

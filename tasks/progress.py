@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from transformers import TrainerCallback
+
+from tasks import atomic
 
 log = logging.getLogger("loraflow.train")
 
@@ -51,12 +52,6 @@ def metric_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
-def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(temporary, path)
-
-
 class MetricsRecorder(TrainerCallback):
     """Keeps `metrics.jsonl` in step with the Trainer's log history and adds tokens/s to it.
 
@@ -79,7 +74,7 @@ class MetricsRecorder(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         # On resume the history is the checkpoint's: lines logged after it by the killed run go.
         if state.is_world_process_zero:
-            write_jsonl_atomic(self.path, metric_records(state.log_history))
+            atomic.write_jsonl(self.path, metric_records(state.log_history))
         self._since = (time.monotonic(), state.num_input_tokens_seen)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -205,9 +200,8 @@ def save_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
+    with atomic.atomic_open(path, "wb") as handle:
+        figure.savefig(handle, format="png")
 
 
 class ProgressFile(TrainerCallback):
@@ -225,9 +219,7 @@ class ProgressFile(TrainerCallback):
         self._write(state)
 
     def _write(self, state: Any) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps({"global_step": state.global_step, "max_steps": state.max_steps}))
-        os.replace(temporary, self.path)
+        atomic.write_json(self.path, {"global_step": state.global_step, "max_steps": state.max_steps})
 
 
 class ProgressReplay:
@@ -266,10 +258,8 @@ class ProgressReplay:
             self._emit("on_log", logs=record)
         self._advance(progress["global_step"])
 
-    def finish(self, published_dir: Path) -> None:
-        """After the processes exited cleanly and published their output: the last events, and
-        train end with the whole history."""
-        self.work_dir = published_dir
+    def finish(self) -> None:
+        """After the processes exited cleanly: the last events, and train end with the whole history."""
         self.poll()
         if self.state is not None:
             self.state.log_history = self._records()

@@ -7,6 +7,7 @@ outside the state dir on purpose: that is a cache anyone may wipe, the registry 
     versions/v0001/metrics.json  eval metrics of the version (what `promote_if` reads)
     versions/v0001/version.json  export fingerprint, lineage, when it was registered
     versions/v0001/decision.json the promotion gate's decision, written once
+    versions/v0001/scores/       per-item scores on the gate's items, one file per (items, eval settings)
     production -> versions/v0001 a relative symlink, swapped atomically with os.replace
     history.jsonl                every move of the pointer, for `rollback` and for people
 
@@ -38,7 +39,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tasks import atomic, gate, significance
 from tasks.config import PromoteCondition, RunConfig
+from tasks.errors import ServiceError, StageFailedError
 
 log = logging.getLogger("loraflow.registry")
 
@@ -49,11 +52,11 @@ MODEL = "model"
 _VERSION_NAME = re.compile(r"^v(\d{4,})$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(StageFailedError):
     """The registry cannot do what was asked; the message says what exists and what to run."""
 
 
-class HubPushError(RuntimeError):
+class HubPushError(ServiceError):
     """Pushing a promoted model to the hub failed for a reason other than being offline."""
 
 
@@ -152,37 +155,52 @@ def register(root: Path, export_dir: Path, manifest: dict[str, Any]) -> tuple[Ve
         "export_dir": str(export_dir.resolve()),
         "registered_at": _now(),
     }
-    _write_json(work / "metrics.json", manifest.get("metrics", {}))
-    _write_json(work / "version.json", record)  # last file: its presence marks the version complete
-    _fsync_tree(work)
-    os.rename(work, versions_dir / name)
-    _fsync_dir(versions_dir)
+    atomic.write_json(work / "metrics.json", manifest.get("metrics", {}))
+    atomic.write_json(work / "version.json", record)  # last file: its presence marks the version complete
+    if not atomic.publish_dir(work, versions_dir / name):
+        raise RegistryError(f"{versions_dir / name} appeared while registering it; another run is registering into {root}")
     _append_history(root, {"event": "registered", "version": name, "fingerprint": manifest["fingerprint"]})
     log.info("registry: registered %s in %s", name, root)
     return read_version(root, name), True
 
 
-def register_and_gate(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def register_and_gate(
+    cfg: RunConfig, export_dir: Path, manifest: dict[str, Any], candidate: gate.GateItems | None = None,
+    production_scorer: gate.ProductionScorer | None = None,
+) -> dict[str, Any]:
     """Registers the export and, the first time, applies `export.promote_if` to it: the decision
-    (promoted or not, and why) is returned, and recorded in the version."""
+    (promoted or not, and why) is returned, and recorded in the version.
+
+    With `candidate` (the new version's per-item scores, `tasks.gate`), conditions on a per-item
+    metric compare candidate and production on those same items: production's stored scores for
+    the same items and eval settings, else scored now by `production_scorer` (default: served
+    locally, `gate.score_production`)."""
     root = registry_dir(cfg)
     with locked(root):
         version, created = register(root, export_dir, manifest)
         if version.decision is not None:
             return {**version.decision, "already_decided": True, "production": production(root)}
         current = production(root)
+        if candidate is not None:
+            gate.store_scores(version.path, candidate, candidate.scores)
         if current == version.name:
             # A run killed between moving the pointer and recording why.
             decision = {"promoted": True, "reason": f"{version.name} is already production", "checks": []}
         else:
-            production_metrics = read_version(root, current).metrics if current else None
-            decision = evaluate_gate(cfg.export.promote_if, version.metrics, production_metrics, current)
+            production_version = read_version(root, current) if current else None
+            paired = None
+            if candidate is not None and production_version is not None and gate.needs_production(cfg.export.promote_if):
+                paired = gate.production_items(cfg, production_version, candidate, production_scorer)
+            decision = evaluate_gate(
+                cfg.export.promote_if, version.metrics, production_version.metrics if production_version else None, current,
+                candidate, paired,
+            )
         decision.update(version=version.name, production_before=current, registry=str(root), decided_at=_now(), hub=None)
         if decision["promoted"] and current != version.name:
             if cfg.hub_model_id:
                 decision["hub"] = push_to_hub(cfg, version.path / MODEL)
             set_production(root, version.name, "promoted", decision["reason"])
-        _write_json(version.path / "decision.json", decision)
+        atomic.write_json(version.path / "decision.json", decision)
         return {**decision, "already_decided": False, "production": production(root)}
 
 
@@ -199,13 +217,16 @@ def metric_value(metrics: dict[str, Any], path: str) -> float | None:
 
 
 def evaluate_gate(
-    conditions: list[PromoteCondition], metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None
+    conditions: list[PromoteCondition], metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None,
+    candidate: gate.GateItems | None = None, paired: tuple[gate.GateItems, str] | None = None,
 ) -> dict[str, Any]:
     """Checks every condition; promoted only if all pass. With no production version yet only
-    the absolute bounds apply; with no conditions every new version is promoted."""
+    the absolute bounds apply; with no conditions every new version is promoted. A metric with
+    per-item scores in `candidate` is read on those items, and compared with production's scores
+    on the same items (`paired`: production's items and whether they were stored or re-scored)."""
     if not conditions:
         return {"promoted": True, "reason": "no promote_if conditions: every new version is promoted", "checks": []}
-    checks = [_check(condition, metrics, production_metrics, production_name) for condition in conditions]
+    checks = [_check(condition, metrics, production_metrics, production_name, candidate, paired) for condition in conditions]
     failed = [check["detail"] for check in checks if not check["passed"]]
     if failed:
         return {"promoted": False, "reason": "not promoted: " + "; ".join(failed), "checks": checks}
@@ -213,8 +234,12 @@ def evaluate_gate(
 
 
 def _check(
-    condition: PromoteCondition, metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None
+    condition: PromoteCondition, metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None,
+    candidate: gate.GateItems | None = None, paired: tuple[gate.GateItems, str] | None = None,
 ) -> dict[str, Any]:
+    candidate_values = candidate.values(condition.metric) if candidate is not None else None
+    if candidate_values is not None:
+        return _paired_check(condition, candidate, candidate_values, paired, production_metrics, production_name)
     value = metric_value(metrics, condition.metric)
     check: dict[str, Any] = {"metric": condition.metric, "value": value, "production_value": None, "passed": True}
     if value is None:
@@ -241,6 +266,75 @@ def _check(
                 f"{condition.metric} {value:.4g} vs {previous:.4g} in production {production_name} "
                 f"({'within' if within else 'beyond'} max_regression {condition.max_regression:g})"
             )
+    if condition.min_improvement is not None:
+        previous = metric_value(production_metrics, condition.metric) if production_metrics is not None else None
+        check["production_value"] = previous
+        if previous is None:
+            details.append(f"no production {condition.metric} to improve on: improvement check skipped")
+        else:
+            improvement = value - previous if condition.higher_is_better else previous - value
+            check["passed"] &= improvement > condition.min_improvement
+            details.append(f"{condition.metric} {value:.4g} vs {previous:.4g} in production {production_name} "
+                           f"({'above' if improvement > condition.min_improvement else 'not above'} min_improvement "
+                           f"{condition.min_improvement:g})")
+    check["passed"] = bool(check["passed"])
+    return {**check, "detail": ", ".join(details)}
+
+
+def _paired_check(
+    condition: PromoteCondition, candidate: gate.GateItems, values: list[float], paired: tuple[gate.GateItems, str] | None,
+    production_metrics: dict[str, Any] | None, production_name: str | None,
+) -> dict[str, Any]:
+    """A per-item metric on the gate's items: absolute bounds on the candidate's mean, and
+    `min_improvement` / `max_regression` against production's scores on the same items, with a
+    paired test at `confidence` when set (the interval decides), else on the bare difference."""
+    value = sum(values) / len(values)
+    where = f"on the same {len(values)} {candidate.kind.replace('_', ' ')} items"
+    check: dict[str, Any] = {"metric": condition.metric, "value": round(value, 6), "production_value": None, "passed": True,
+                             "items": len(values), "items_kind": candidate.kind, "items_sha256": candidate.items_sha256,
+                             "settings": candidate.settings}
+    details = []
+    if condition.min is not None:
+        check["passed"] &= value >= condition.min
+        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g} ({candidate.kind})")
+    if condition.max is not None:
+        check["passed"] &= value <= condition.max
+        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g} ({candidate.kind})")
+    relative = condition.min_improvement is not None or condition.max_regression is not None
+    if relative and paired is None:
+        details.append("no production version yet: comparison skipped" if production_metrics is None
+                       else f"{production_name} could not be compared: comparison skipped")
+    elif relative and paired is not None:
+        production_items, how = paired
+        previous = production_items.values(condition.metric) or []
+        sign = 1 if condition.higher_is_better else -1
+        if condition.confidence is not None:
+            comparison = significance.compare(values, previous, condition.confidence, condition.test)
+            difference = comparison.difference
+            low, high = sorted((sign * comparison.low, sign * comparison.high))
+            check.update(comparison.as_record())
+            shown = (f"difference {sign * difference:+.4g}, {condition.confidence:.0%} interval [{low:+.4g}, {high:+.4g}]"
+                     + (f", McNemar p={comparison.p_value:.3g}" if comparison.p_value is not None else ", paired bootstrap"))
+        else:
+            difference = value - sum(previous) / len(previous)
+            low = high = sign * difference
+            check.update(items=len(values), candidate=round(value, 6), production=round(sum(previous) / len(previous), 6),
+                         difference=round(difference, 6), interval=None, confidence=None)
+            shown = f"difference {sign * difference:+.4g}"
+        production_value = sum(previous) / len(previous)
+        check.update(production_value=round(production_value, 6), production_scores=how)
+        details.append(f"{condition.metric} {value:.4g} vs {production_value:.4g} in production {production_name} {where} "
+                       f"({how}): {shown}")
+        if condition.min_improvement is not None:
+            better = low > condition.min_improvement
+            check["passed"] &= better
+            kind = "significant " if condition.confidence is not None else ""
+            details.append(f"{'a' if better else 'not a'} {kind}improvement above min_improvement {condition.min_improvement:g}")
+        if condition.max_regression is not None:
+            worse = high < -condition.max_regression
+            check["passed"] &= not worse
+            kind = "significantly " if condition.confidence is not None else ""
+            details.append(f"{kind}{'beyond' if worse else 'within'} max_regression {condition.max_regression:g}")
     check["passed"] = bool(check["passed"])
     return {**check, "detail": ", ".join(details)}
 
@@ -262,11 +356,7 @@ def set_production(root: Path, name: str, event: str, reason: str) -> None:
     # The log is written first: if we die before the swap, the pointer (the truth) is unchanged
     # and `rollback` reads only promotions that point where the link points.
     _append_history(root, {"event": event, "version": name, "previous": previous, "reason": reason})
-    temporary = root / f".{PRODUCTION}.{os.getpid()}.tmp"
-    temporary.unlink(missing_ok=True)
-    temporary.symlink_to(Path(VERSIONS) / version.name, target_is_directory=True)
-    os.replace(temporary, root / PRODUCTION)
-    _fsync_dir(root)
+    atomic.replace_symlink(root / PRODUCTION, Path(VERSIONS) / version.name)
     log.info("registry: production is now %s (%s)", name, reason)
 
 
@@ -361,9 +451,11 @@ def decision_markdown(decision: dict[str, Any]) -> str:
     if decision.get("already_decided"):
         lines.append(f"(Decided when {decision['version']} was first registered, at {decision.get('decided_at')}.)")
     if decision.get("checks"):
-        lines += ["", "| metric | value | production | passed | detail |", "|---|---|---|---|---|"]
+        lines += ["", "| metric | value | production | difference | interval | items | passed | detail |",
+                  "|---|---|---|---|---|---|---|---|"]
         lines += [
-            f"| {c['metric']} | {c['value']} | {c['production_value']} | {c['passed']} | {c['detail']} |" for c in decision["checks"]
+            f"| {c['metric']} | {c['value']} | {c['production_value']} | {c.get('difference', '')} | {c.get('interval') or ''} "
+            f"| {c.get('items', '')} | {c['passed']} | {c['detail']} |" for c in decision["checks"]
         ]
     if decision.get("hub"):
         lines += ["", f"Hub: {decision['hub'].get('status')} {decision['hub'].get('reason', decision['hub'].get('repo', ''))}"]
@@ -385,32 +477,8 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, destination)
 
 
-def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with temporary.open("w") as handle:
-        handle.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 def _append_history(root: Path, entry: dict[str, Any]) -> None:
     with (root / HISTORY).open("a") as handle:
         handle.write(json.dumps({"at": _now(), **entry}, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

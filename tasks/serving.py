@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,18 +29,32 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.errors import ServiceError
+
 VLLM_BASE_NAME = "base"
 VLLM_TUNED_NAME = "tuned"
 # vLLM accepts only these values for --max-lora-rank; the smallest one >= the adapter's rank is used.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class ServerError(RuntimeError):
+class ServerError(ServiceError):
     """The model server did not become ready; the message carries the end of its log."""
 
 
-class EndpointUnavailableError(RuntimeError):
+class EndpointUnavailableError(ServiceError):
     """The endpoint asked for cannot run on this machine; the message says what to install or set."""
+
+
+def console_script(name: str) -> str:
+    """The `name` command of this environment: next to this Python (a venv), else on the PATH (a
+    venv layered over an image's packages, a `--target` install)."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise ServerError(f"the `{name}` command is neither next to {sys.executable} nor on the PATH; install it (pip install {name})")
+    return found
 
 
 def free_port() -> int:
@@ -67,7 +82,7 @@ def transformers_serve(log_path: Path, startup_timeout: float) -> contextlib.Abs
     """`transformers serve`; request `model` = the absolute directory of a model."""
     port = free_port()
     command = [
-        str(Path(sys.executable).with_name("transformers")), "serve",
+        console_script("transformers"), "serve",
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu" if not _has_cuda() else "auto",
         "--log-level", "warning",
     ]
@@ -77,7 +92,7 @@ def transformers_serve(log_path: Path, startup_timeout: float) -> contextlib.Abs
 def vllm_command(base_model: str, adapter_dir: Path, port: int, lora_rank: int) -> list[str]:
     max_rank = next((rank for rank in VLLM_LORA_RANKS if rank >= lora_rank), lora_rank)
     return [
-        str(Path(sys.executable).with_name("vllm")), "serve", base_model,
+        console_script("vllm"), "serve", base_model,
         "--served-model-name", VLLM_BASE_NAME,
         "--enable-lora", "--lora-modules", f"{VLLM_TUNED_NAME}={adapter_dir}", "--max-lora-rank", str(max_rank),
         "--host", "127.0.0.1", "--port", str(port),

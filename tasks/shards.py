@@ -7,13 +7,13 @@ same bytes, and each shard appears under its final name only when complete.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from tasks import atomic
 from tasks.fingerprint import FileHasher
 
 SHARD_SCHEMA = pa.schema([
@@ -46,7 +46,7 @@ class _ShardWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.temporary = path.with_name(f".{path.name}.tmp")
+        self.temporary = atomic.temporary_sibling(path)
         self._sink = pa.OSFile(str(self.temporary), "wb")
         self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
         self._pending: list[dict[str, Any]] = []
@@ -70,7 +70,7 @@ class _ShardWriter:
         self._flush()
         self._writer.close()
         self._sink.close()
-        os.replace(self.temporary, self.path)
+        atomic.commit(self.temporary, self.path)
         return {"file": self.path.name, "rows": self.rows}
 
 

@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-from transformers import Trainer
-
-from tasks import store
-from tasks.checkpoints import CheckpointKeeper, checkpoint_step, discard_all, latest_complete_checkpoint, prepare_resume
-from tasks.config import RunConfig, stage_settings
-from tasks.fingerprint import FileHasher, code_version, hash_json
-from tasks.launch import plan_processes, read_deepspeed_config, run_launched, zero_stage
-from tasks.memory import GPU_ONLY_OPTIMIZERS, out_of_memory_advice, read_model_config, visible_gpus
-from tasks.packing import IGNORE_INDEX, PackedCollator
-from tasks.progress import METRICS, MetricsRecorder, metric_records, save_loss_curve, terminal_progress_bar, write_jsonl_atomic
+from tasks import atomic, hub, store
+from tasks.checkpoints import CheckpointKeeper, StopOnSigterm, checkpoint_step, discard_all, latest_complete_checkpoint, prepare_resume
+from tasks.config import RunConfig
+from tasks.errors import StageFailedError
+from tasks.fingerprint import FileHasher
+from tasks.gpus import visible_gpus
+from tasks.launch import plan_processes, run_launched, zero_stage
+from tasks.memory import GPU_ONLY_OPTIMIZERS, out_of_memory_advice, read_model_config
+from tasks.packing import PackedCollator
+from tasks.progress import METRICS, MetricsRecorder, metric_records, save_loss_curve, terminal_progress_bar
+from tasks.quantization import compute_dtype, keep_cpu_4bit_layers_exact, nf4_config
 from tasks.shards import load_shards
 
 log = logging.getLogger("loraflow.train")
@@ -47,66 +46,60 @@ ADAPTER = "adapter"
 LOSS_CURVE = "loss_curve.png"
 
 
-class TrainError(RuntimeError):
+class TrainError(StageFailedError):
     """Training cannot run as configured; the message names the setting and the fix."""
+
+
+class TrainingStoppedError(TrainError):
+    """Training was asked to stop (SIGTERM: preemption, `kubectl delete`) and saved a checkpoint first."""
 
 
 class TrainingOutOfMemoryError(TrainError):
     """Training ran out of memory; the message lists the settings that lower the peak."""
 
 
-def fingerprint(cfg: RunConfig, prep_fingerprint: str, hasher: FileHasher) -> str:
-    plan = plan_processes(cfg)
-    return hash_json({
-        "settings": stage_settings(cfg, "train"),
-        "prep": prep_fingerprint,
-        "base_model": hasher.tree(Path(cfg.base_model)),
-        # The effective batch is per process: other process counts train another model.
-        "processes": plan.processes,
-        "deepspeed": read_deepspeed_config(cfg) if cfg.deepspeed else None,
-        "code": code_version("train", "checkpoints", "launch", "progress", "packing", "shards"),
-    })
-
-
-def run_train(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks: list[Any] | None = None) -> dict[str, Any]:
-    """The train stage: its manifest, from a finished output or after training (resumed when a
-    killed run left checkpoints). Trains here, or in processes started with `accelerate launch`."""
-    final_dir = store.stage_dir(cfg, "train", fingerprint)
-    if (existing := store.read_manifest(final_dir)) is not None:
-        return existing
+def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any], callbacks: list[Any] | None = None) -> dict[str, Any]:
+    """The train stage: trains (resuming when a killed run left checkpoints in `work_dir`) and
+    returns the manifest fields. Trains here, or in processes started with `accelerate launch`."""
     if cfg.optimizer in GPU_ONLY_OPTIMIZERS and not visible_gpus():
         raise TrainError(f"`optimizer: {cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
-    store.require_manifest(cfg, "prep", prep_fingerprint)
-    work_dir = store.partial_dir(final_dir)
     checkpoint_root = work_dir / CHECKPOINTS
     checkpoint_root.mkdir(parents=True, exist_ok=True)
     prepare_resume(checkpoint_root)
+    callbacks = [*(callbacks or []), *_prefect_progress(cfg)]
     plan = plan_processes(cfg)
     if not plan.launched:
-        return train_and_publish(cfg, fingerprint, prep_fingerprint, callbacks)
-    run_launched(cfg, plan, fingerprint, prep_fingerprint, work_dir, callbacks or [])
-    manifest = store.read_manifest(final_dir)
-    if manifest is None:
-        raise TrainError(f"the training processes exited cleanly but published no output in {final_dir}")
-    return manifest
+        result = train_in_process(cfg, work_dir, upstream["prep"], callbacks)
+        assert result is not None  # a single process is the main process
+        return result
+    return run_launched(cfg, plan, work_dir, upstream["prep"], callbacks)
 
 
-def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, callbacks: list[Any] | None = None) -> dict[str, Any] | None:
-    """Trains from the newest complete checkpoint (if any) and publishes the stage's output.
+def _prefect_progress(cfg: RunConfig) -> list[Any]:
+    """Progress and loss-table artifacts when training runs inside a Prefect task."""
+    from prefect.context import TaskRunContext
 
-    Runs in every training process; the main process writes metrics and the output and returns the
-    manifest, the others return None."""
-    started = time.monotonic()
-    final_dir = store.stage_dir(cfg, "train", fingerprint)
-    prep_manifest = store.require_manifest(cfg, "prep", prep_fingerprint)
-    prep_dir = store.stage_dir(cfg, "prep", prep_fingerprint)
-    work_dir = store.partial_dir(final_dir)
+    if TaskRunContext.get() is None:
+        return []
+    from tasks.progress import PrefectProgressCallback
+
+    return [PrefectProgressCallback(cfg.name)]
+
+
+def train_in_process(cfg: RunConfig, work_dir: Path, prep_manifest: dict[str, Any], callbacks: list[Any]) -> dict[str, Any] | None:
+    """Trains from the newest complete checkpoint (if any) to the end and saves the adapter.
+
+    Runs in every training process; the main process writes metrics and the adapter and returns
+    the manifest fields, the others return None."""
     checkpoint_root = work_dir / CHECKPOINTS
+    prep_dir = store.output_dir(cfg, prep_manifest)
 
     import torch
     from accelerate.utils.memory import should_reduce_batch_size
-    from transformers import AutoTokenizer
     from transformers.trainer_callback import PrinterCallback
+
+    from tasks.tokenizer import load_tokenizer
+    from tasks.trainer import PackedRowsTrainer
 
     torch.manual_seed(cfg.seed)
     train_rows = load_shards(prep_dir, prep_manifest["train_shards"])
@@ -114,7 +107,7 @@ def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, c
     # Before the model: under ZeRO-3 the model loads straight into shards only once DeepSpeed's config exists.
     arguments = training_arguments(cfg, checkpoint_root, has_val=val_rows is not None)
     is_main_process = arguments.process_index == 0
-    tokenizer = AutoTokenizer.from_pretrained(cfg.base_model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg, hub.base_model_dir(cfg))
     model = load_model_for_training(cfg, arguments.local_process_index)
     resume_from = latest_complete_checkpoint(checkpoint_root)
 
@@ -129,13 +122,22 @@ def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, c
         # lead into collective operations.
         callbacks=[
             CheckpointKeeper(cfg.save_total_limit), MetricsRecorder(work_dir / METRICS),
-            *([progress_bar] if progress_bar else []), *(callbacks or []),
+            *([progress_bar] if progress_bar else []), *callbacks,
         ],
     )
     # Our log lines and metrics.jsonl replace the Trainer's printed dicts.
     trainer.remove_callback(PrinterCallback)
+    stop_on_sigterm = StopOnSigterm()
+    if arguments.world_size == 1:  # several processes must agree on the step to stop at: not done here
+        trainer.add_callback(stop_on_sigterm)
     try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        with stop_on_sigterm.installed():
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if stop_on_sigterm.stopped_at is not None:
+            raise TrainingStoppedError(
+                f"training stopped on SIGTERM at step {stop_on_sigterm.stopped_at} after saving a complete checkpoint "
+                f"in {checkpoint_root}; the next run resumes from it"
+            )
         final_eval = final_evaluation(trainer) if val_rows is not None else {}
     except RuntimeError as error:  # torch.OutOfMemoryError is one; so is a CPU allocator failure
         if should_reduce_batch_size(error):
@@ -151,7 +153,7 @@ def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, c
     (work_dir / ADAPTER / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(work_dir / ADAPTER)
     records = metric_records(trainer.state.log_history)
-    write_jsonl_atomic(work_dir / METRICS, records)
+    atomic.write_jsonl(work_dir / METRICS, records)
     save_loss_curve(records, work_dir / LOSS_CURVE, title=f"{cfg.name}: {cfg.adapter}, {trainer.state.global_step} steps")
     # A finished stage never resumes (report_to's TensorBoard logs, under checkpoints/runs, stay).
     discard_all(checkpoint_root)
@@ -159,11 +161,10 @@ def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, c
     train_records = [record for record in records if "loss" in record]
     eval_loss = final_eval.get("eval_loss")
     manifest = {
-        "stage": "train",
-        "fingerprint": fingerprint,
-        "prep_fingerprint": prep_fingerprint,
         "adapter_dir": ADAPTER,
+        "adapter_sha256": FileHasher().tree(work_dir / ADAPTER),
         "adapter": cfg.adapter,
+        "base_model": hub.base_model(cfg).lineage(),
         "attn_implementation": choose_attn_implementation(cfg),
         "processes": arguments.world_size,
         "resumed_from_step": checkpoint_step(resume_from) if resume_from else None,
@@ -178,16 +179,15 @@ def train_and_publish(cfg: RunConfig, fingerprint: str, prep_fingerprint: str, c
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "metrics_file": METRICS,
         "loss_curve": LOSS_CURVE,
-        "duration_s": round(time.monotonic() - started, 2),
     }
     log.info(
         "train: %d steps, train loss %.4f, eval loss %s", manifest["global_step"], manifest["train_loss"] or math.nan,
         f"{eval_loss:.4f}" if eval_loss is not None else "n/a",
     )
-    return store.publish(work_dir, final_dir, manifest)
+    return manifest
 
 
-def final_evaluation(trainer: Trainer) -> dict[str, Any]:
+def final_evaluation(trainer: Any) -> dict[str, Any]:
     """The val split scored at the last step; reuses an evaluation that ran at that step already."""
     last = next((entry for entry in reversed(trainer.state.log_history) if "eval_loss" in entry), None)
     if last is not None and last["step"] == trainer.state.global_step:
@@ -209,75 +209,7 @@ def mean_step_loss(train_records: list[dict[str, Any]]) -> float | None:
     return total / previous_step
 
 
-# --- evaluation ---------------------------------------------------------------------------------
-
-
-def token_weighted_loss(model: Any, rows: Any, pad_token_id: int, batch_size: int) -> tuple[float, int]:
-    """Sum of token losses over `rows` divided by their number of trained tokens; returns (loss, tokens).
-
-    Rows are batched with `PackedCollator`: no attention mask, position_ids from the rows and
-    `use_cache=False`, so packed samples stay apart. Unlike the Trainer's mean of per-batch means,
-    the result does not depend on how samples were packed or batched. Runs in eval mode without
-    gradients and restores the model's mode afterwards.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    collate = PackedCollator(pad_token_id=pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    loss_sum, tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows), batch_size):
-                batch = collate([rows[index] for index in range(start, min(start + batch_size, len(rows)))])
-                logits = model(
-                    input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
-                ).logits
-                targets = batch["labels"][:, 1:].to(device)
-                losses = F.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-                )
-                loss_sum += float(losses.double())
-                tokens += int((targets != IGNORE_INDEX).sum())
-    finally:
-        model.train(was_training)
-    if tokens == 0:
-        raise TrainError("the val split has no trained tokens to score; check the prep manifest's val rows")
-    return loss_sum / tokens, tokens
-
-
-def perplexity(loss: float) -> float | None:
-    return math.exp(loss) if loss < 50 else None
-
-
-class PackedRowsTrainer(Trainer):
-    """The Trainer, with evaluation replaced by the token-weighted loss over the whole val split."""
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> dict[str, Any]:
-        rows = eval_dataset if eval_dataset is not None else self.eval_dataset
-        loss, tokens = token_weighted_loss(
-            self.model, rows, self.data_collator.pad_token_id, self.args.per_device_eval_batch_size
-        )
-        metrics = {
-            f"{metric_key_prefix}_loss": loss,
-            f"{metric_key_prefix}_perplexity": perplexity(loss),
-            f"{metric_key_prefix}_tokens": tokens,
-        }
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-
 # --- model and arguments ------------------------------------------------------------------------
-
-
-def compute_dtype(cfg: RunConfig) -> Any:
-    """bf16 where asked (preflight allows it on capable GPUs only); fp32 otherwise, QLoRA on a CPU included."""
-    import torch
-
-    return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
 def choose_attn_implementation(cfg: RunConfig) -> str:
@@ -307,6 +239,8 @@ def load_model_for_training(cfg: RunConfig, device_index: int = 0) -> Any:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    from tasks.tokenizer import load_tokenizer, new_token_count
+
     sharded = cfg.fsdp_config is not None or zero_stage(cfg) == 3
     load_options: dict[str, Any] = {
         "dtype": compute_dtype(cfg),
@@ -314,55 +248,97 @@ def load_model_for_training(cfg: RunConfig, device_index: int = 0) -> Any:
         "trust_remote_code": cfg.trust_remote_code,
     }
     if cfg.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        load_options["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(cfg),
-            **({"bnb_4bit_quant_storage": compute_dtype(cfg)} if sharded else {}),
-        )
+        load_options["quantization_config"] = nf4_config(compute_dtype(cfg), compute_dtype(cfg) if sharded else None)
         if torch.cuda.is_available() and not sharded:
             load_options["device_map"] = {"": device_index}
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **load_options)
+    if cfg.load_in_8bit:  # preflight refuses it without a CUDA GPU
+        from transformers import BitsAndBytesConfig
+
+        load_options["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        load_options["device_map"] = {"": device_index}
+    if cfg.base_model_config or cfg.overrides_of_model_config:
+        from transformers import AutoConfig
+
+        config_dir = hub.resolve(cfg.base_model_config, what="base_model_config").path if cfg.base_model_config else hub.base_model_dir(cfg)
+        load_options["config"] = AutoConfig.from_pretrained(config_dir, trust_remote_code=cfg.trust_remote_code)
+        # Axolotl's `model_config` / `overrides_of_model_config`, e.g. output_router_logits for MoE aux loss.
+        for name, value in (cfg.overrides_of_model_config or {}).items():
+            setattr(load_options["config"], name, value)
+    if _stored_quantization(hub.base_model_dir(cfg)) == "mxfp4" and "quantization_config" not in load_options:
+        from transformers import Mxfp4Config
+
+        # MXFP4 weights (gpt-oss) cannot be trained through; they load dequantized to the compute dtype.
+        load_options["quantization_config"] = Mxfp4Config(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(hub.base_model_dir(cfg), **load_options)
+    # Tokens added by `special_tokens` / `tokens` get embedding rows, trained below.
+    added_tokens = new_token_count(load_tokenizer(cfg, hub.base_model_dir(cfg)), model)
+    if added_tokens:
+        model.resize_token_embeddings(model.get_input_embeddings().num_embeddings + added_tokens)
     # Packed rows are only kept apart when no KV cache is in use.
     model.config.use_cache = False
     # peft's k-bit preparation casts the unquantized weights to fp32, which sharding cannot mix with
     # the stored 4-bit weights; gradient checkpointing comes from the Trainer's arguments instead.
-    if cfg.load_in_4bit and not sharded:
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not sharded:
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=cfg.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        keep_cpu_4bit_layers_trainable(model)
+        keep_cpu_4bit_layers_exact(model)
+    if cfg.lora_model_dir:
+        # Warm start: the adapter's own LoraConfig and weights, trained further.
+        from peft import PeftModel
+
+        adapter_dir = hub.resolve(cfg.lora_model_dir, what="lora_model_dir").path
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=cfg.lora_target_modules,
-        modules_to_save=cfg.lora_modules_to_save,
+        target_parameters=cfg.lora_target_parameters,
+        use_rslora=cfg.peft_use_rslora,
+        modules_to_save=modules_to_save(cfg, model, added_tokens),
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
 
 
-def keep_cpu_4bit_layers_trainable(model: Any) -> None:
-    """bitsandbytes on CPUs with avx512_bf16 repacks a 4-bit weight into an inference-only layout
-    the first time the layer runs in eval mode on input that needs no grad (an evaluation); after
-    that, no gradient flows through the layer. Switching that repacking off keeps training exact."""
-    import bitsandbytes as bnb
+def _stored_quantization(model_dir: Path) -> str | None:
+    """The `quant_method` of the weights as stored (config.json's quantization_config), if any."""
+    import json
 
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.is_file():
+        return None
+    stored = json.loads(config_file.read_text()).get("quantization_config") or {}
+    return stored.get("quant_method")
+
+
+def modules_to_save(cfg: RunConfig, model: Any, added_tokens: int) -> list[str] | None:
+    """`lora_modules_to_save`, plus the embedding and output layers when tokens were added: their new
+    rows start untrained and LoRA alone cannot train them (Axolotl asks users to list them)."""
+    names = list(cfg.lora_modules_to_save or [])
+    if added_tokens:
+        layers = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+        names += [name.rsplit(".", 1)[-1] for name, module in model.named_modules() if id(module) in layers]
+    return list(dict.fromkeys(names)) or None
+
+
+def _optim_args_text(optim_args: str | dict[str, Any]) -> str:
+    """transformers reads `optim_args` as `key=value,key=value`; Axolotl also allows a mapping."""
+    if isinstance(optim_args, str):
+        return optim_args
+    return ",".join(f"{key}={value}" for key, value in optim_args.items())
 
 
 def reporting_integrations(cfg: RunConfig) -> list[str]:
     """`report_to`, less the integrations that are not installed (each one named in a warning)."""
+    import os
+
     from transformers.integrations import get_available_reporting_integrations
 
+    os.environ.update(cfg.tracking_env)  # WANDB_PROJECT, MLFLOW_TRACKING_URI, ... from Axolotl's wandb_* / mlflow_* keys
     available = set(get_available_reporting_integrations())
     for name in cfg.report_to:
         if name not in available:
@@ -386,6 +362,9 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> A
         lr_scheduler_type=cfg.lr_scheduler,
         optim=cfg.optimizer,
         weight_decay=cfg.weight_decay,
+        # Only what the config sets: transformers' defaults (0.9, 0.999, 1e-8) stay otherwise.
+        **{name: getattr(cfg, name) for name in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(cfg, name) is not None},
+        **({"optim_args": _optim_args_text(cfg.optim_args)} if cfg.optim_args else {}),
         max_grad_norm=cfg.max_grad_norm,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -413,15 +392,10 @@ def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> A
         use_cpu=not torch.cuda.is_available(),
         # Every LoRA weight gets a gradient at every step: DDP need not search the graph for unused ones.
         ddp_find_unused_parameters=False,
+        # A process that died or hung fails the others after this, not after PyTorch's 30 minutes.
+        ddp_timeout=cfg.ddp_timeout,
         deepspeed=str(Path(cfg.deepspeed).resolve()) if cfg.deepspeed else None,
         **({"fsdp": True, "fsdp_config": cfg.fsdp_config.model_dump()} if cfg.fsdp_config is not None else {}),
         # transformers 5 reads a float below 1 as a fraction of the total steps.
         warmup_steps=cfg.warmup_steps if cfg.warmup_steps is not None else cfg.warmup_ratio,
     )
-
-
-@task(name="train", cache_key_fn=store.stage_cache_key, persist_result=True, result_serializer="json")
-def train_task(cfg: RunConfig, fingerprint: str, prep_fingerprint: str) -> dict[str, Any]:
-    from tasks.progress import PrefectProgressCallback
-
-    return run_train(cfg, fingerprint, prep_fingerprint, callbacks=[PrefectProgressCallback(cfg.name)])

@@ -11,10 +11,11 @@ import yaml
 
 from tasks import store
 from tasks.config import ConfigError, DatasetConfig, RunConfig
-from tasks.fingerprint import FileHasher
 from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import _tokenize_batch, fingerprint, run_prep
+from tasks.prep import _tokenize_batch
+from tasks.stage import run_stage, stage_key
+from tasks.stages import PREP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BAD_DIR = REPO_ROOT / "examples" / "bad"
@@ -60,8 +61,8 @@ def run_config(tmp_path: Path, base_model: Path, datasets: list[DatasetConfig], 
 
 
 def prep_with_quarantine(cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    prep_fingerprint = fingerprint(cfg, FileHasher())
-    manifest = run_prep(cfg, prep_fingerprint)
+    prep_fingerprint = stage_key(PREP, cfg, {})
+    manifest = run_stage(PREP, cfg)
     quarantine_file = store.stage_dir(cfg, "prep", prep_fingerprint) / "quarantine.jsonl"
     return manifest, [json.loads(line) for line in quarantine_file.read_text(encoding="utf-8").splitlines()]
 

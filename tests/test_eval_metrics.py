@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 
 from tasks.config import ConfigError, EvalConfig, RunConfig, load_config
-from tasks.eval import EvalError, comparison_markdown, fingerprint, judge_target
+from tasks.eval import EvalError, comparison_markdown, judge_target
 from tasks.eval_client import ApiKeyError, resolve_api_key
 from tasks.eval_metrics import cost_usd, normalise, percentile, rouge_l, score
 from tasks.fingerprint import FileHasher
 from tasks.judge import outcome, parse_verdict, win_rate_summary
+from tasks.stage import stage_key
+from tasks.stages import EVAL
 
 LABELS = ["positive", "negative", "neutral"]
 
@@ -137,7 +139,8 @@ def test_fingerprint_covers_what_decides_the_output(tmp_path):
 
     def eval_fingerprint(**eval_settings) -> str:
         cfg = RunConfig(base_model=str(tmp_path / "model"), datasets=[{"path": "data.jsonl"}], eval=eval_settings)
-        return fingerprint(cfg, "prep-fp", "train-fp", FileHasher())
+        upstream = {"prep": {"output_digest": "prep-digest"}, "train": {"output_digest": "train-digest"}}
+        return stage_key(EVAL, cfg, upstream, FileHasher())
 
     judge = {"base_url": "http://judge/v1", "model": "judge-model"}
     reference = eval_fingerprint(judge=judge)

@@ -91,7 +91,7 @@ def test_external_eval_with_judge_never_leaks_api_keys(prefect_harness, tiny_mod
         assert server.authorizations == {f"Bearer {TUNED_KEY}", f"Bearer {JUDGE_KEY}"}  # the keys were really used
         assert sum(server.faults_sent.values()) > 0
 
-    # The stage did its job through run_eval: both models, judge, cost, report and samples.
+    # The stage did its job through the eval stage: both models, judge, cost, report and samples.
     assert summary["eval"]["tuned"]["samples"] == summary["eval"]["base"]["samples"] == 12
     eval_dir = next(path for path in (tmp_path / "state" / "eval").iterdir() if (path / "manifest.json").is_file())
     report = json.loads((eval_dir / "eval_report.json").read_text())

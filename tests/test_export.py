@@ -35,8 +35,6 @@ from tasks.export import (
     GGUFExportError,
     MergeVerificationError,
     export_gguf,
-    fingerprint,
-    run_export,
     verify,
 )
 from tasks.fingerprint import FileHasher, hash_json
@@ -48,6 +46,8 @@ from tasks.merge import (
     max_logit_difference,
     model_outputs,
 )
+from tasks.stage import run_stage, stage_key
+from tasks.stages import EXPORT, PREP, TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
@@ -60,9 +60,7 @@ class Trained:
     """A real prep + train run, and an eval manifest standing in for the (slow) eval stage."""
 
     raw: dict[str, Any]
-    prep_fingerprint: str
-    train_fingerprint: str
-    eval_fingerprint: str
+    upstream: dict[str, dict[str, Any]]  # the prep, train and (stand-in) eval manifests
 
     def config(self, **export: Any) -> RunConfig:
         raw = json.loads(json.dumps(self.raw))
@@ -70,17 +68,14 @@ class Trained:
         return RunConfig.model_validate(raw)
 
     def export(self, cfg: RunConfig) -> tuple[dict[str, Any], Path]:
-        export_fp = fingerprint(cfg, self.train_fingerprint, self.eval_fingerprint)
-        manifest = run_export(cfg, export_fp, self.prep_fingerprint, self.train_fingerprint, self.eval_fingerprint)
-        return manifest, store.stage_dir(cfg, "export", export_fp)
+        manifest = run_stage(EXPORT, cfg, self.upstream)
+        return manifest, store.output_dir(cfg, manifest)
 
     def adapter_dir(self) -> Path:
-        return store.stage_dir(self.config(), "train", self.train_fingerprint) / "adapter"
+        return store.output_dir(self.config(), self.upstream["train"]) / "adapter"
 
 
 def train_adapter(root: Path, base_model: Path, adapter: str) -> Trained:
-    from tasks import prep, train
-
     data = root / "data.jsonl"
     data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:300]))
     raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
@@ -92,17 +87,21 @@ def train_adapter(root: Path, base_model: Path, adapter: str) -> Trained:
     raw["contract"] = {"dir": str(REPO / "data_contracts")}
     raw["export"] = {"registry_dir": str(root / "registry")}
     cfg = RunConfig.model_validate(raw)
-    hasher = FileHasher()
-    prep_fp = prep.fingerprint(cfg, hasher)
-    prep.run_prep(cfg, prep_fp)
-    train_fp = train.fingerprint(cfg, prep_fp, hasher)
-    train.run_train(cfg, train_fp, prep_fp)
-    eval_fp = hash_json({"stands in for eval of": train_fp})
-    eval_dir = store.stage_dir(cfg, "eval", eval_fp)
+    prep_manifest = run_stage(PREP, cfg)
+    train_manifest = run_stage(TRAIN, cfg, {"prep": prep_manifest})
+    return Trained(cfg.model_dump(mode="json"), {"prep": prep_manifest, "train": train_manifest,
+                                                  "eval": stand_in_eval(cfg, train_manifest)})
+
+
+def stand_in_eval(cfg: RunConfig, train_manifest: dict[str, Any]) -> dict[str, Any]:
+    """A published eval output with fixed metrics, standing in for the (slow) eval stage."""
+    eval_key = hash_json({"stands in for eval of": train_manifest["fingerprint"]})
+    eval_dir = store.stage_dir(cfg, "eval", eval_key)
     if store.read_manifest(eval_dir) is None:
-        eval_manifest = {"stage": "eval", "fingerprint": eval_fp, "metrics": EVAL_METRICS, "eval_loss": 0.8}
+        eval_manifest = {"stage": "eval", "fingerprint": eval_key, "metrics": EVAL_METRICS, "eval_loss": 0.8,
+                         "output_digest": hash_json(EVAL_METRICS)}
         store.publish(store.fresh_partial_dir(eval_dir), eval_dir, eval_manifest)
-    return Trained(cfg.model_dump(mode="json"), prep_fp, train_fp, eval_fp)
+    return store.require_manifest(cfg, "eval", eval_key)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +122,7 @@ def float32_export(lora) -> tuple[dict[str, Any], Path]:
 def val_prompts(trained: Trained, tokenizer: Any, count: int) -> list[dict[str, Any]]:
     from tasks.eval import load_eval_items
 
-    items = load_eval_items(store.stage_dir(trained.config(), "prep", trained.prep_fingerprint), count)
+    items = load_eval_items(store.output_dir(trained.config(), trained.upstream["prep"]), count)
     for item in items:
         item["ids"] = tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_tensors="pt")["input_ids"]
     return items
@@ -147,9 +146,11 @@ def test_merged_export_reloads_serves_and_answers_like_the_adapter_model(lora, f
 
     card = (model_dir / "README.md").read_text()
     lineage = manifest["lineage"]
-    assert lineage["base_model_sha256"] == FileHasher().tree(tiny_model_dir)
-    assert lineage["data_fingerprint"] == lora.prep_fingerprint
-    for value in (lineage["base_model_sha256"], lora.prep_fingerprint, lineage["code_version"], lineage["exported_at"], '"accuracy": 0.95'):
+    assert lineage["base_model"]["identity"] == {"sha256": FileHasher().tree(tiny_model_dir)}
+    assert lineage["data_digest"] == lora.upstream["prep"]["output_digest"]
+    assert lineage["libraries"]["torch"] and lineage["libraries"]["peft"]
+    for value in (lineage["base_model"]["identity"]["sha256"], lineage["data_digest"], lineage["code_version"], lineage["exported_at"],
+                  '"accuracy": 0.95'):
         assert value in card
     assert '"lora_r": 16' in card  # the config
 
@@ -296,33 +297,35 @@ def test_verification_refuses_other_models_and_empty_adapters(lora, tiny_model_d
     work = store.fresh_partial_dir(train_dir)
     get_peft_model(load_base(str(tiny_model_dir), "float32"), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(work / "adapter")
     tokenizer.save_pretrained(work / "adapter")
-    store.publish(work, train_dir, {"stage": "train", "fingerprint": untrained_fp, "adapter_dir": "adapter", "adapter": "lora"})
-    export_fp = fingerprint(cfg, untrained_fp, lora.eval_fingerprint)
+    untrained = store.publish(work, train_dir, {"stage": "train", "fingerprint": untrained_fp, "adapter_dir": "adapter", "adapter": "lora",
+                                                "output_digest": untrained_fp})
+    upstream = {**lora.upstream, "train": untrained}
     with pytest.raises(MergeVerificationError, match="LoRA layers is zero"):
-        run_export(cfg, export_fp, lora.prep_fingerprint, untrained_fp, lora.eval_fingerprint)
-    assert store.read_manifest(store.stage_dir(cfg, "export", export_fp)) is None  # nothing published
+        run_stage(EXPORT, cfg, upstream)
+    assert store.read_manifest(store.stage_dir(cfg, "export", stage_key(EXPORT, cfg, upstream))) is None  # nothing published
 
 
 EXPORT_SCRIPT = """
 import json, sys
 from pathlib import Path
-from tasks import export, registry, store
+from tasks import registry, store
 from tasks.config import RunConfig
+from tasks.stage import run_stage
+from tasks.stages import EXPORT
 cfg = RunConfig.model_validate_json(Path(sys.argv[1]).read_text())
-fps = json.loads(sys.argv[2])
-manifest = export.run_export(cfg, fps["export"], fps["prep"], fps["train"], fps["eval"])
-registry.register_and_gate(cfg, store.stage_dir(cfg, "export", fps["export"]), manifest)
+manifest = run_stage(EXPORT, cfg, json.loads(Path(sys.argv[2]).read_text()))
+registry.register_and_gate(cfg, store.output_dir(cfg, manifest), manifest)
 """
 
 
 def test_kill_9_mid_export_leaves_nothing_partial_visible(lora, tmp_path):
     cfg = lora.config(verify_prompts=3, registry_dir=str(tmp_path / "registry"))
-    export_fp = fingerprint(cfg, lora.train_fingerprint, lora.eval_fingerprint)
-    final_dir = store.stage_dir(cfg, "export", export_fp)
+    final_dir = store.stage_dir(cfg, "export", stage_key(EXPORT, cfg, lora.upstream))
     config_file = tmp_path / "cfg.json"
     config_file.write_text(cfg.model_dump_json())
-    fingerprints = {"export": export_fp, "prep": lora.prep_fingerprint, "train": lora.train_fingerprint, "eval": lora.eval_fingerprint}
-    process = subprocess.Popen([sys.executable, "-c", EXPORT_SCRIPT, str(config_file), json.dumps(fingerprints)], cwd=REPO)
+    upstream_file = tmp_path / "upstream.json"
+    upstream_file.write_text(json.dumps(lora.upstream))
+    process = subprocess.Popen([sys.executable, "-c", EXPORT_SCRIPT, str(config_file), str(upstream_file)], cwd=REPO)
     written = store.partial_dir(final_dir) / "model"
     deadline = time.monotonic() + 180
     while process.poll() is None and not list(written.glob("*.safetensors")) and time.monotonic() < deadline:
@@ -336,7 +339,7 @@ def test_kill_9_mid_export_leaves_nothing_partial_visible(lora, tmp_path):
     root = registry.registry_dir(cfg)
     assert registry.list_versions(root) == [] and registry.production(root) is None
 
-    manifest = run_export(cfg, export_fp, lora.prep_fingerprint, lora.train_fingerprint, lora.eval_fingerprint)
+    manifest = run_stage(EXPORT, cfg, lora.upstream)
     decision = registry.register_and_gate(cfg, final_dir, manifest)
     assert decision["promoted"] and decision["production"] == "v0001"
     assert not store.partial_dir(final_dir).exists()

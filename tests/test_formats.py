@@ -17,10 +17,11 @@ from datasets import Dataset, DatasetDict
 from tasks import store
 from tasks.chat_tokens import IGNORE_INDEX, TokenizedConversation
 from tasks.config import ConfigError, DatasetConfig, RunConfig
-from tasks.fingerprint import FileHasher
 from tasks.formats import Conversation, DatasetError, check_source, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import _tokenize_batch, fingerprint, run_prep
+from tasks.prep import _tokenize_batch
+from tasks.stage import run_stage
+from tasks.stages import PREP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_DIR = REPO_ROOT / "data_contracts"
@@ -344,7 +345,7 @@ def test_several_datasets_each_with_its_type_and_contract_reconcile_in_the_manif
         {"path": str(write_csv_text), "type": "completion"},
     ], contract={"dir": str(contract_dir), "max_rejected_fraction": 0.5})
 
-    manifest = run_prep(cfg, fingerprint(cfg, FileHasher()))
+    manifest = run_stage(PREP, cfg)
 
     sources = manifest["sources"]
     assert [source["type"] for source in sources] == ["chat_template", "alpaca", "completion"]
@@ -371,7 +372,7 @@ def test_exact_duplicates_are_quarantined_naming_the_first_occurrence(tmp_path: 
     second = write_jsonl(tmp_path / "second.jsonl", [rows[2], {"id": "other columns do not matter", **rows[1]}])
     cfg = run_config(tmp_path, tiny_model_dir, [{"path": str(first)}, {"path": str(second)}], dataset_exact_deduplication=True)
 
-    manifest = run_prep(cfg, fingerprint(cfg, FileHasher()))
+    manifest = run_stage(PREP, cfg)
 
     assert (manifest["rows_in"], manifest["rows_accepted"], manifest["rows_quarantined"]) == (5, 3, 2)
     assert [source["rows_duplicate"] for source in manifest["sources"]] == [1, 1]
@@ -385,7 +386,7 @@ def test_without_deduplication_duplicates_are_kept(tmp_path: Path, tiny_model_di
     rows = [{"messages": THREE_ROWS[0]["messages"]}] * 3
     cfg = run_config(tmp_path, tiny_model_dir, [{"path": str(write_jsonl(tmp_path / "rows.jsonl", rows))}])
 
-    manifest = run_prep(cfg, fingerprint(cfg, FileHasher()))
+    manifest = run_stage(PREP, cfg)
 
     assert (manifest["rows_accepted"], manifest["rows_quarantined"]) == (3, 0)
 
@@ -404,7 +405,7 @@ def test_excess_length_strategy(tmp_path: Path, tiny_tokenizer: Any, tiny_model_
     full_ids = tiny_tokenizer(tiny_tokenizer.apply_chat_template(long["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
     assert len(full_ids) > 64
 
-    manifest = run_prep(cfg, fingerprint(cfg, FileHasher()))
+    manifest = run_stage(PREP, cfg)
 
     quarantine = quarantine_of(cfg, manifest)
     final_dir = store.stage_dir(cfg, "prep", manifest["fingerprint"])

@@ -4,13 +4,16 @@
 - an unchanged re-run does no work (every stage cached);
 - changing an eval setting re-runs eval (and export, which records eval's metrics), nothing upstream;
 - changing one byte of one data row re-runs every stage;
-- a stage whose output directory was deleted runs again although Prefect remembers it.
+- a stage whose output directory was deleted runs again although Prefect remembers it;
+- early cutoff: an edit that leaves prep's output byte-identical (an expectation every row meets,
+  a comment in the prep code) re-runs prep and nothing downstream, and says why.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,10 @@ def write_config(directory: Path, base_model: Path, data: Path, name: str = "run
 
 def states(summary: dict) -> dict[str, str]:
     return {stage: outcome["state"] for stage, outcome in summary["stages"].items()}
+
+
+def reasons(summary: dict) -> dict[str, str]:
+    return {stage: f"{outcome['state']}: {outcome['reason']}" for stage, outcome in summary["stages"].items()}
 
 
 def test_quickstart_learns_and_reruns_cached(prefect_harness, tiny_model_dir, tmp_path):
@@ -106,3 +113,73 @@ def test_cache_follows_content_not_paths(prefect_harness, tiny_model_dir, tmp_pa
         shutil.rmtree(directory)
     rerun = states(pipeline(str(config_path)))
     assert rerun["eval"] == "ran" and rerun["train"] == "cached"
+
+
+def test_an_edit_that_leaves_prep_output_unchanged_reruns_nothing_downstream(prefect_harness, tiny_model_dir, tmp_path, monkeypatch):
+    from flows.pipeline import pipeline
+    from tasks import fingerprint
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:400]))
+    contracts = tmp_path / "contracts"
+    contracts.mkdir()
+    contract = contracts / "quickstart_sentiment.yaml"
+    shutil.copy2(REPO / "data_contracts" / "quickstart_sentiment.yaml", contract)
+    config_path = write_config(tmp_path, tiny_model_dir, data, max_steps=8, save_steps=4, eval={"max_samples": 6},
+                               contract={"dir": str(contracts)})
+    first = pipeline(str(config_path))
+    assert states(first) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
+
+    # A data engineer adds an expectation that every row already meets.
+    raw = yaml.safe_load(contract.read_text())
+    raw["expectations"].append({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "assistant_text"},
+                                "severity": "error"})
+    contract.write_text(yaml.safe_dump(raw))
+    after_contract = pipeline(str(config_path))
+    assert reasons(after_contract) == {
+        "prep": "ran: contracts changed", "train": "cached: upstream output unchanged",
+        "eval": "cached: upstream output unchanged", "export": "cached: upstream output unchanged",
+    }
+    assert after_contract["stages"]["prep"]["fingerprint"] != first["stages"]["prep"]["fingerprint"]
+    assert after_contract["stages"]["train"]["fingerprint"] == first["stages"]["train"]["fingerprint"]
+
+    # A developer edits a comment in tasks/prep.py (a copy of tasks/ stands in for the edited tree).
+    edited = tmp_path / "tasks"
+    shutil.copytree(fingerprint.TASKS_DIR, edited, ignore=shutil.ignore_patterns("__pycache__"))
+    (edited / "prep.py").write_text((edited / "prep.py").read_text() + "\n# a comment that changes no output\n")
+    monkeypatch.setattr(fingerprint, "TASKS_DIR", edited)
+    after_comment = pipeline(str(config_path))
+    assert reasons(after_comment) == {
+        "prep": "ran: code changed", "train": "cached: upstream output unchanged",
+        "eval": "cached: upstream output unchanged", "export": "cached: upstream output unchanged",
+    }
+
+    # Nothing changed: every stage comes back cached on its own inputs.
+    assert set(reasons(pipeline(str(config_path))).values()) == {"cached: inputs unchanged"}
+
+
+def test_smoke_run_tries_every_stage_on_the_first_rows_in_its_own_state(prefect_harness, tiny_model_dir, tmp_path):
+    from flows.pipeline import pipeline
+    from tasks import registry
+
+    config_path = write_config(tmp_path, tiny_model_dir, QUICKSTART_DATA)
+    smoke = pipeline(str(config_path), smoke_rows=120)
+    assert states(smoke) == {"prep": "ran", "train": "ran", "eval": "ran", "export": "ran"}
+    assert smoke["prep"]["rows_in"] == 120 and smoke["train"]["global_step"] == 5
+    assert Path(smoke["export_path"]).parent == tmp_path / "outputs" / "smoke"
+    cfg = load_config(config_path)
+    # Its own state and registry: the real run's stages and production are untouched.
+    assert not (Path(cfg.state_dir) / "prep").exists()
+    assert registry.production(registry.registry_dir(cfg)) is None
+
+
+def test_a_stage_past_its_timeout_fails_naming_the_setting(prefect_harness, tiny_model_dir, tmp_path):
+    from flows.pipeline import StageTimeoutError, pipeline
+
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(b"".join(QUICKSTART_DATA.read_bytes().splitlines(keepends=True)[:200]))
+    config_path = write_config(tmp_path, tiny_model_dir, data, max_steps=400, save_steps=None, timeouts={"train": 3})
+    started = time.monotonic()
+    with pytest.raises(StageTimeoutError, match=r"`train` ran past `timeouts.train: 3` seconds"):
+        pipeline(str(config_path))
+    assert time.monotonic() - started < 120  # stopped, not trained to the end (400 steps)

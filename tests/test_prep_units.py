@@ -16,7 +16,9 @@ from tasks.contracts import ContractError, load_contract, validate_frame
 from tasks.fingerprint import FileHasher, hash_bytes
 from tasks.formats import Conversation, DatasetError, Rejected, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import fingerprint, run_prep, split_train_val
+from tasks.prep import split_train_val
+from tasks.stage import run_stage, stage_key
+from tasks.stages import PREP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONTRACT_DIR = REPO_ROOT / "data_contracts"
@@ -250,7 +252,7 @@ def test_missing_contract_lists_the_available_ones() -> None:
     assert QUICKSTART_CONTRACT in str(raised.value)
 
 
-# --- run_prep end to end ---------------------------------------------------------------------------
+# --- the prep stage end to end--------------------------------------------------------------------------
 
 BAD_LINES = {5: "{not json", 31: json.dumps({"messages": [{"role": "user", "content": "no answer here"}]})}
 
@@ -267,8 +269,8 @@ def write_prep_data(path: Path, rows: int = 60) -> Path:
 def prepared(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[RunConfig, str, dict[str, Any]]:
     tmp_path = tmp_path_factory.mktemp("prep")
     cfg = make_config(tmp_path, tiny_model_dir, write_prep_data(tmp_path / "rows.jsonl"))
-    prep_fingerprint = fingerprint(cfg, FileHasher())
-    return cfg, prep_fingerprint, run_prep(cfg, prep_fingerprint)
+    prep_fingerprint = stage_key(PREP, cfg, {})
+    return cfg, prep_fingerprint, run_stage(PREP, cfg)
 
 
 def test_prep_manifest_reconciles_and_quarantine_keeps_bad_rows(prepared: tuple[RunConfig, str, dict[str, Any]]) -> None:
@@ -324,7 +326,7 @@ def test_prep_leaves_no_partial_dir_and_reuses_the_published_output(prepared: tu
 
     assert not store.partial_dir(final_dir).exists()
     assert [path.name for path in final_dir.parent.iterdir()] == [prep_fingerprint]
-    assert run_prep(cfg, prep_fingerprint) == manifest
+    assert run_stage(PREP, cfg) == manifest
     assert {path.name: path.stat().st_mtime_ns for path in final_dir.iterdir()} == mtimes
 
 
@@ -337,9 +339,9 @@ def test_prep_fingerprint_follows_data_content_not_its_location(
     changed = tmp_path / "changed.jsonl"
     changed.write_bytes(moved.read_bytes() + quickstart_lines(61)[-1].encode() + b"\n")
 
-    assert fingerprint(make_config(tmp_path, tiny_model_dir, moved), FileHasher()) == prep_fingerprint
-    assert fingerprint(make_config(tmp_path, tiny_model_dir, changed), FileHasher()) != prep_fingerprint
-    assert fingerprint(make_config(tmp_path, tiny_model_dir, moved, sequence_len=512), FileHasher()) != prep_fingerprint
+    assert stage_key(PREP, make_config(tmp_path, tiny_model_dir, moved), {}) == prep_fingerprint
+    assert stage_key(PREP, make_config(tmp_path, tiny_model_dir, changed), {}) != prep_fingerprint
+    assert stage_key(PREP, make_config(tmp_path, tiny_model_dir, moved, sequence_len=512), {}) != prep_fingerprint
 
 
 def test_prep_fails_when_more_rows_are_quarantined_than_allowed(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -347,10 +349,10 @@ def test_prep_fails_when_more_rows_are_quarantined_than_allowed(tmp_path: Path, 
         tmp_path, tiny_model_dir, write_prep_data(tmp_path / "rows.jsonl"),
         contract={"dir": str(CONTRACT_DIR), "max_rejected_fraction": 0.0},
     )
-    prep_fingerprint = fingerprint(cfg, FileHasher())
+    prep_fingerprint = stage_key(PREP, cfg, {})
 
     with pytest.raises(DatasetError, match="quarantine") as raised:
-        run_prep(cfg, prep_fingerprint)
+        run_stage(PREP, cfg)
     assert "2 of 62 rows" in str(raised.value)
     assert not store.stage_dir(cfg, "prep", prep_fingerprint).exists()
 
@@ -363,10 +365,10 @@ def test_contract_violation_stops_prep_and_publishes_nothing(tmp_path: Path, tin
     data_path = tmp_path / "rows.jsonl"
     data_path.write_text("\n".join(lines) + "\n")
     cfg = make_config(tmp_path, tiny_model_dir, data_path)
-    prep_fingerprint = fingerprint(cfg, FileHasher())
+    prep_fingerprint = stage_key(PREP, cfg, {})
 
     with pytest.raises(ContractError) as raised:
-        run_prep(cfg, prep_fingerprint)
+        run_stage(PREP, cfg)
     message = str(raised.value)
     assert "expect_column_values_to_be_in_set(assistant_text)" in message
     assert "'maybe'" in message
@@ -488,3 +490,17 @@ def test_missing_dataset_file_fails_preflight(tmp_path: Path, tiny_model_dir: Pa
 
     assert "`datasets[0].path`" in message
     assert str(tmp_path / "absent.jsonl") in message
+
+
+def test_two_runs_of_one_stage_at_once_build_it_once_and_share_the_output(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Two `loraflow run` of the same config at the same time: the second waits on the key's lock
+    and reuses what the first published; neither reads a half-written partial directory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = make_config(tmp_path, tiny_model_dir, write_prep_data(tmp_path / "rows.jsonl"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        first, second = [future.result() for future in [pool.submit(run_stage, PREP, cfg) for _ in range(2)]]
+
+    assert first == second
+    final_dir = store.output_dir(cfg, first)
+    assert [path.name for path in final_dir.parent.iterdir()] == [final_dir.name]  # no partial, no second copy

@@ -272,14 +272,14 @@ def test_promote_task_runs_in_a_flow_and_leaves_an_artifact(tmp_path, prefect_ha
     from prefect import flow
     from prefect.client.orchestration import get_client
 
-    from tasks.export import promote_task
+    from tasks.promotion import promote_task
 
     cfg = make_config(tmp_path)
     export_dir, manifest = make_export(cfg, 0.97)
 
     @flow
     def promote_flow() -> dict:
-        return promote_task(cfg, manifest["fingerprint"])
+        return promote_task(cfg, manifest)
 
     decision = promote_flow()
     with get_client(sync_client=True) as client:

@@ -19,8 +19,10 @@ import logging
 import math
 import os
 import pty
+import signal
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from transformers import TrainerCallback
 
 from tasks.checkpoints import COMPLETE_MARKER
 from tasks.config import RunConfig
+from tasks.stage import run_stage
+from tasks.stages import TRAIN
 from tasks.train import (
     CHECKPOINTS,
     LOSS_CURVE,
@@ -37,9 +41,8 @@ from tasks.train import (
     choose_attn_implementation,
     mean_step_loss,
     reporting_integrations,
-    run_train,
-    token_weighted_loss,
 )
+from tasks.trainer import token_weighted_loss
 from tests.train_stage import QUICKSTART_DATA, Stage, Template, assert_same_result, build_template, new_stage
 
 
@@ -153,6 +156,26 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     assert_same_result(stage, reference_stage)
     for key in ("global_step", "train_loss", "eval_loss", "tokens_seen"):
         assert manifest[key] == reference_manifest[key], key
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_run_resumes_to_the_same_adapter(reference, template, tmp_path, one_thread, caplog):
+    from tasks.checkpoints import checkpoint_step, latest_complete_checkpoint
+
+    reference_stage, _, _, _ = reference
+    stage = new_stage(template, tmp_path)
+    # SIGTERM (preemption, `kubectl delete`) soon after the checkpoint of step 4: saved at step 6, the end of its logging interval.
+    written = stage.run_and_kill(
+        lambda: (stage.checkpoints / f"checkpoint-4/{COMPLETE_MARKER}").exists(),
+        kill=lambda process: (time.sleep(0.3), process.send_signal(signal.SIGTERM)),
+    )
+    assert "SIGTERM received" in written and "the next run resumes from it" in written
+    saved = latest_complete_checkpoint(stage.checkpoints)
+    assert saved is not None and checkpoint_step(saved) > 4
+
+    with caplog.at_level(logging.INFO, logger="loraflow.train"):
+        manifest = stage.run()
+    assert manifest["resumed_from_step"] == checkpoint_step(saved)
+    assert_same_result(stage, reference_stage)
 
 
 def test_torn_checkpoint_is_skipped_and_the_resume_still_matches(reference, killed_runs, caplog):
@@ -281,7 +304,7 @@ def test_gpu_only_optimizer_on_a_cpu_fails_before_loading_anything(template, tmp
     cfg = stage.cfg.model_copy(update={"optimizer": "paged_adamw_8bit"})
 
     with pytest.raises(TrainError, match="paged_adamw_8bit` needs a CUDA GPU.*adamw_torch"):
-        run_train(cfg, stage.fingerprint, stage.prep_fingerprint)
+        run_stage(TRAIN, cfg, {"prep": stage.prep_manifest})
 
 
 def test_attention_and_reporting_follow_config_and_what_is_installed(tmp_path):

@@ -26,13 +26,16 @@ import psutil
 import pytest
 import yaml
 
-from tasks import train
 from tasks.checkpoints import checkpoint_step, latest_complete_checkpoint
 from tasks.config import RunConfig, load_config
 from tasks.fingerprint import FileHasher
 from tasks.launch import ProcessPlan, deepspeed_problems, launch_command, plan_processes
-from tasks.memory import GpuInfo, hardware_problems
+from tasks.gpus import GpuInfo
+from tasks.memory import hardware_problems
 from tasks.progress import artifact_key
+from tasks.stage import prefect_task, stage_key
+from tasks.stages import TRAIN
+from tasks.train import training_arguments
 from tests.train_stage import REPO, Stage, Template, assert_same_result, build_template, new_stage
 
 RUN_NAME = "DDP Check"
@@ -55,6 +58,9 @@ class LogLines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+TRAIN_TASK = prefect_task(TRAIN)
+
+
 @pytest.fixture(scope="module")
 def reference(ddp_template, tmp_path_factory, prefect_harness) -> tuple[Stage, dict, list[str]]:
     """An uninterrupted two-process run of the Prefect train task, with its log lines."""
@@ -64,7 +70,7 @@ def reference(ddp_template, tmp_path_factory, prefect_harness) -> tuple[Stage, d
 
     @flow
     def train_only() -> dict:
-        return train.train_task.with_options(refresh_cache=True)(stage.cfg, stage.fingerprint, prep_fingerprint=stage.prep_fingerprint)
+        return TRAIN_TASK.with_options(refresh_cache=True)(stage.cfg, stage.fingerprint, {"prep": stage.prep_manifest})
 
     lines = LogLines()
     logger = logging.getLogger("loraflow.train")
@@ -80,17 +86,18 @@ def reference(ddp_template, tmp_path_factory, prefect_harness) -> tuple[Stage, d
 
 
 def training_processes(stage: Stage) -> list[psutil.Process]:
-    """The launcher and worker processes of this stage (their command lines carry its fingerprint)."""
+    """The launcher and worker processes of this stage (their command lines carry its work directory)."""
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
-        if "tasks.launch" in cmdline and stage.fingerprint in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+        ours = any(stage.fingerprint in part for part in cmdline)
+        if ("tasks.launch" in cmdline or "tasks.train_worker" in cmdline) and ours and process.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(process)
     return found
 
 
 def kill_one_worker(stage: Stage) -> None:
-    workers = [process for process in training_processes(stage) if "launcher" not in process.cmdline()]
+    workers = [process for process in training_processes(stage) if "tasks.launch" not in process.cmdline()]
     assert len(workers) == 2, [process.cmdline() for process in workers]
     os.kill(workers[-1].pid, signal.SIGKILL)
 
@@ -182,12 +189,12 @@ def test_process_plan_follows_gpus_num_processes_and_sharding(tmp_path):
 
 def test_launch_command_runs_accelerate_launch_with_the_strategy(tmp_path):
     (tmp_path / "ds.json").write_text("{}")
-    worker = ["FP", "PREP"]
+    worker = ["WORK_DIR"]
 
     ddp = launch_command(config(bf16=True), ProcessPlan(4, "ddp"), worker, 29500)
-    assert ddp[1:4] == ["-m", "tasks.launch", "launcher"]
-    assert ddp[-5:] == ["-m", "tasks.launch", "worker", "FP", "PREP"]
-    flags = ddp[4:-5]
+    assert ddp[1:3] == ["-m", "tasks.launch"]
+    assert ddp[-3:] == ["-m", "tasks.train_worker", "WORK_DIR"]
+    flags = ddp[3:-3]
     assert "--multi_gpu" in flags
     for name, value in (("--num_processes", "4"), ("--main_process_port", "29500"), ("--mixed_precision", "bf16")):
         assert flags[flags.index(name) + 1] == value
@@ -250,7 +257,7 @@ def test_axolotl_fsdp_settings_reach_the_trainer_as_fsdp2(tmp_path):
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "fsdp.yaml")
 
-    arguments = train.training_arguments(cfg, tmp_path / "checkpoints", has_val=False)
+    arguments = training_arguments(cfg, tmp_path / "checkpoints", has_val=False)
     plugin = arguments.fsdp_plugin_args
     assert plugin["fsdp_version"] == 2 and plugin["reshard_after_forward"] is False and plugin["cpu_offload"] is True
     assert plugin["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer" and plugin["cpu_ram_efficient_loading"] is True
@@ -266,14 +273,13 @@ def test_axolotl_fsdp_settings_reach_the_trainer_as_fsdp2(tmp_path):
 def test_train_fingerprint_covers_processes_and_the_deepspeed_json_content_not_its_path(ddp_template, tmp_path):
     cfg = load_config(ddp_template.config_path)
     hasher = FileHasher()
-    prep_fingerprint = ddp_template.prep_fingerprint
     (tmp_path / "a").mkdir()
     shipped = REPO / "configs" / "deepspeed" / "zero2.json"
     shutil.copy(shipped, tmp_path / "a" / "zero2.json")
     shutil.copy(shipped, tmp_path / "moved.json")
 
     def train_fingerprint(**changes) -> str:
-        return train.fingerprint(cfg.model_copy(update=changes), prep_fingerprint, hasher)
+        return stage_key(TRAIN, cfg.model_copy(update=changes), {"prep": ddp_template.prep_manifest}, hasher)
 
     assert train_fingerprint(num_processes=2) == ddp_template.fingerprint
     assert train_fingerprint(num_processes=3) != ddp_template.fingerprint

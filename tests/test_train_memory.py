@@ -17,13 +17,12 @@ import pytest
 
 from tasks.config import RunConfig, load_config
 from tasks.launch import plan_processes, zero_stage
+from tasks.gpus import GpuInfo, visible_gpus
 from tasks.memory import (
-    GpuInfo,
     describe_estimate,
     estimate_peak_memory,
     hardware_problems,
     out_of_memory_advice,
-    visible_gpus,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+# Imported before caplog attaches its handler: Prefect configures logging when it is first imported.
+import prefect  # noqa: F401
 import yaml
 
-from tasks import prep, train
 from tasks.config import load_config
-from tasks.fingerprint import FileHasher
 from tasks.progress import artifact_key
+from tasks.stage import prefect_task, run_stage, stage_key
+from tasks.stages import PREP, TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
@@ -32,16 +34,14 @@ def test_train_task_reports_progress_loss_table_and_log_lines(prefect_harness, t
     raw["datasets"][0] = {"path": str(data), "type": "chat_template"}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "run.yaml")
-    hasher = FileHasher()
-    prep_fingerprint = prep.fingerprint(cfg, hasher)
-    prep.run_prep(cfg, prep_fingerprint)
-    train_fingerprint = train.fingerprint(cfg, prep_fingerprint, hasher)
+    prep_manifest = run_stage(PREP, cfg)
+    train_key = stage_key(TRAIN, cfg, {"prep": prep_manifest})
 
     @flow
     def train_only() -> dict:
         # As the pipeline does for an output that is not there: a result persisted by an earlier
         # test session under the same content key must not stand in for this run.
-        return train.train_task.with_options(refresh_cache=True)(cfg, train_fingerprint, prep_fingerprint=prep_fingerprint)
+        return prefect_task(TRAIN).with_options(refresh_cache=True)(cfg, train_key, {"prep": prep_manifest})
 
     with caplog.at_level(logging.INFO, logger="loraflow.train"):
         manifest = train_only()

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import yaml
 
-from tasks import prep, store
+from tasks import store
 from tasks.config import load_config
-from tasks.fingerprint import FileHasher
-from tasks.train import ADAPTER, CHECKPOINTS, METRICS, fingerprint, run_train
+from tasks.stage import run_stage, stage_key
+from tasks.stages import PREP, TRAIN
+from tasks.train import ADAPTER, CHECKPOINTS, METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
@@ -28,20 +29,22 @@ SETTINGS = {
     "sequence_len": 256, "micro_batch_size": 2, "max_steps": 12, "save_steps": 4, "save_total_limit": 2,
     "eval_steps": 4, "logging_steps": 2, "lora_dropout": 0.1, "val_set_size": 0.1, "warmup_steps": 2,
 }
-# Runs `run_train` as the pipeline would, slowed by a sleep after each step so the test can kill it
+# Runs the train stage as the pipeline would, slowed by a sleep after each step so the test can kill it
 # mid-run, its log lines on stderr.
 DRIVER = """
-import logging, sys, time
+import json, logging, sys, time
 from transformers import TrainerCallback
 from tasks.config import load_config
-from tasks.train import run_train
+from tasks.stage import run_stage
+from tasks.stages import TRAIN
 
 class Pause(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         time.sleep(0.25)
 
 logging.basicConfig(level=logging.INFO, force=True)
-run_train(load_config(sys.argv[1]), sys.argv[2], sys.argv[3], callbacks=[Pause()])
+prep_manifest = json.loads(open(sys.argv[3]).read())
+run_stage(TRAIN, load_config(sys.argv[1]), {"prep": prep_manifest}, key=sys.argv[2], callbacks=[Pause()])
 """
 # Bit-equality holds for a given number of threads; one thread each keeps three concurrent runs
 # from fighting over two cores (OpenMP threads spin while they wait).
@@ -59,19 +62,21 @@ class Stage:
         self.config_path.write_text(yaml.safe_dump(raw))
         self.cfg = load_config(self.config_path)
         # Taken from the template, not recomputed: they hash code that may be edited while tests run.
-        self.prep_fingerprint, self.fingerprint = template.prep_fingerprint, template.fingerprint
+        self.prep_manifest, self.fingerprint = template.prep_manifest, template.fingerprint
+        self.prep_manifest_path = directory / "prep_manifest.json"
+        self.prep_manifest_path.write_text(json.dumps(self.prep_manifest))
         self.final_dir = store.stage_dir(self.cfg, "train", self.fingerprint)
         self.checkpoints = store.partial_dir(self.final_dir) / CHECKPOINTS
 
     def run(self, callbacks: list | None = None) -> dict:
-        return run_train(self.cfg, self.fingerprint, self.prep_fingerprint, callbacks=callbacks)
+        return run_stage(TRAIN, self.cfg, {"prep": self.prep_manifest}, key=self.fingerprint, callbacks=callbacks)
 
     def run_and_kill(self, ready: Callable[[], bool], kill: Callable[[subprocess.Popen], None] | None = None) -> str:
         """Runs the stage in a subprocess and, as soon as `ready()` is true, SIGKILLs it (or calls
         `kill` with it and waits for it to end); returns what the stage process wrote to stderr."""
         with tempfile.TemporaryFile() as stderr:
             process = subprocess.Popen(
-                [sys.executable, "-c", DRIVER, str(self.config_path), self.fingerprint, self.prep_fingerprint],
+                [sys.executable, "-c", DRIVER, str(self.config_path), self.fingerprint, str(self.prep_manifest_path)],
                 cwd=REPO, env={**os.environ, **SUBPROCESS_ENV}, stdout=subprocess.DEVNULL, stderr=stderr,
             )
             deadline = time.monotonic() + 300
@@ -106,7 +111,7 @@ def loss_curve(records: list[dict]) -> list[dict]:
 @dataclass(frozen=True)
 class Template:
     config_path: Path
-    prep_fingerprint: str
+    prep_manifest: dict
     fingerprint: str
 
 
@@ -122,10 +127,8 @@ def build_template(directory: Path, tiny_model_dir: Path, **settings) -> Templat
     path = directory / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
     cfg = load_config(path)
-    hasher = FileHasher()
-    prep_fingerprint = prep.fingerprint(cfg, hasher)
-    prep.run_prep(cfg, prep_fingerprint)
-    return Template(path, prep_fingerprint, fingerprint(cfg, prep_fingerprint, hasher))
+    prep_manifest = run_stage(PREP, cfg)
+    return Template(path, prep_manifest, stage_key(TRAIN, cfg, {"prep": prep_manifest}))
 
 
 def new_stage(template: Template, directory: Path) -> Stage:

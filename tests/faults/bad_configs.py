@@ -61,7 +61,7 @@ CASES: list[BadConfig] = [
               set={"flash_attention": True, "bf16": True}),
     BadConfig("flash_attention_contradicts_attn_implementation", ("attn_implementation: sdpa", "keep one of them"),
               set={"flash_attention": True, "bf16": True, "attn_implementation": "sdpa"}),
-    BadConfig("attn_implementation_unknown", ("`attn_implementation`", "flex_attention"), set={"attn_implementation": "xformers"}),
+    BadConfig("attn_implementation_unknown", ("`attn_implementation`", "flex_attention"), set={"attn_implementation": "paged_attention"}),
     BadConfig("paged_adamw_8bit_without_gpu", ("`optimizer: paged_adamw_8bit`", "needs a CUDA GPU", "adamw_torch"),
               set={"optimizer": "paged_adamw_8bit"}),
     BadConfig("adamw_bnb_8bit_without_gpu", ("`optimizer: adamw_bnb_8bit`", "needs a CUDA GPU"), set={"optimizer": "adamw_bnb_8bit"}),

@@ -1,0 +1,198 @@
+"""The stage contract: how every stage is keyed, reused, built, published and wrapped for Prefect.
+
+A stage declares its name, its upstream stages, the settings and files that decide its output, the
+code it runs, its `build` (named as "module:function", imported only when the stage must run, so
+a cached run never imports torch), and which parts of its manifest a downstream stage reads.
+
+**Keys with early cutoff.** A stage's key hashes its settings, its code, the identity of the files
+it reads itself (sources, contracts, tokenizer, model revision, library versions) and the
+*output digests* of the upstream manifests it consumes, never the upstream keys. So an upstream
+edit that leaves the upstream output byte-identical (an expectation every row meets, a comment
+in the prep code) re-runs that upstream stage and nothing downstream, as Bazel and Nix's
+content-addressed actions do.
+
+**One runner.** `run_stage`: reuse the output published under the key, else build it in
+`<key>.partial` under the key's lock and publish it (manifest last, directory renamed into place).
+`prefect_task` makes the Prefect task of any stage with the key as its cache key.
+
+Each manifest carries `fingerprint` (its key), `key_parts` (hashes of what went into the key)
+and `output_digest`. `<state_dir>/<stage>/latest.json` remembers the last key parts, so a run can
+say why a stage ran ("contracts changed") or came back cached ("upstream output unchanged").
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks import atomic, store
+from tasks.config import RunConfig, stage_settings
+from tasks.fingerprint import FileHasher, code_version, hash_json
+
+log = logging.getLogger("loraflow.stage")
+
+LATEST = "latest.json"
+Manifests = dict[str, dict[str, Any]]
+
+
+def _no_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline; see the module docstring."""
+
+    name: str
+    upstream: tuple[str, ...]
+    # tasks/ modules whose source decides the output: editing them re-runs the stage.
+    code: tuple[str, ...]
+    # "module:function" with signature (cfg, work_dir, upstream manifests, **options) -> manifest fields.
+    build: str
+    # Content identity of the files the stage reads itself, by name ("sources", "tokenizer", ...).
+    inputs: Callable[[RunConfig, FileHasher], dict[str, Any]] = _no_inputs
+    # Config settings that never change the output (how requests are made, where a registry is).
+    settings_ignored: tuple[str, ...] = ()
+    # What a downstream stage reads from this stage's manifest (with its `key_parts`); its hash is
+    # the output digest.
+    reads: Callable[[dict[str, Any]], Any] = lambda manifest: None
+    # Keep `<key>.partial` across attempts (training's checkpoints) instead of starting empty.
+    resumable: bool = False
+    # "module:function" (cfg, manifest) -> None that records Prefect artifacts after a build.
+    report: str | None = None
+    # Holds an accelerator while it runs: queued by the `gpu` tag's concurrency limit.
+    uses_gpu: bool = False
+    description: str = field(default="", compare=False)
+
+    def settings(self, cfg: RunConfig) -> dict[str, Any]:
+        settings = stage_settings(cfg, self.name)
+        for dotted in self.settings_ignored:
+            _drop(settings, dotted.split("."))
+        return settings
+
+
+def _drop(settings: dict[str, Any], path: list[str]) -> None:
+    head, *rest = path
+    if not rest:
+        settings.pop(head, None)
+    elif isinstance(settings.get(head), dict):
+        _drop(settings[head], rest)
+
+
+def key_parts(stage: Stage, cfg: RunConfig, upstream: Manifests, hasher: FileHasher | None = None) -> dict[str, Any]:
+    """The hashes a stage's key is made of, by name: what `why_ran` compares between runs."""
+    hasher = hasher or FileHasher()
+    missing = [name for name in stage.upstream if name not in upstream]
+    if missing:
+        raise store.MissingUpstreamError(f"`{stage.name}` needs the output of {', '.join(missing)} first")
+    return {
+        "settings": hash_json(stage.settings(cfg)),
+        "code": code_version(*stage.code),
+        **{f"inputs.{name}": hash_json(value) for name, value in stage.inputs(cfg, hasher).items()},
+        **{f"upstream.{name}": upstream[name]["output_digest"] for name in stage.upstream},
+    }
+
+
+def stage_key(stage: Stage, cfg: RunConfig, upstream: Manifests, hasher: FileHasher | None = None) -> str:
+    return hash_json({"stage": stage.name, **key_parts(stage, cfg, upstream, hasher)})
+
+
+def output_digest(stage: Stage, manifest: dict[str, Any]) -> str:
+    return hash_json({"stage": stage.name, "reads": stage.reads(manifest)})
+
+
+def import_function(dotted: str) -> Callable[..., Any]:
+    module, _, function = dotted.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def run_stage(
+    stage: Stage, cfg: RunConfig, upstream: Manifests | None = None, key: str | None = None,
+    hasher: FileHasher | None = None, **options: Any,
+) -> dict[str, Any]:
+    """The stage's manifest: the published one for its key, or a new one built and published now.
+
+    `options` go to the build (e.g. training callbacks); they must not change the output."""
+    upstream = upstream or {}
+    parts = key_parts(stage, cfg, upstream, hasher)
+    key = key or hash_json({"stage": stage.name, **parts})
+    final_dir = store.stage_dir(cfg, stage.name, key)
+    if (existing := store.read_manifest(final_dir)) is not None:
+        return existing
+    with store.build_lock(final_dir):
+        if (existing := store.read_manifest(final_dir)) is not None:  # built by a run we waited for
+            return existing
+        work_dir = store.partial_dir(final_dir)
+        if stage.resumable:
+            work_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            work_dir = store.fresh_partial_dir(final_dir)
+        started = time.monotonic()
+        built = import_function(stage.build)(cfg, work_dir, {name: upstream[name] for name in stage.upstream}, **options)
+        manifest = {
+            **built,
+            "stage": stage.name,
+            "fingerprint": key,
+            "key_parts": parts,
+            "output_digest": output_digest(stage, {**built, "key_parts": parts}),
+            "duration_s": round(time.monotonic() - started, 2),
+        }
+        return store.publish(work_dir, final_dir, manifest)
+
+
+def remember(cfg: RunConfig, manifest: dict[str, Any]) -> None:
+    """Records a stage's key parts as the latest, for the next run's `why_ran`."""
+    latest = {"key": manifest["fingerprint"], "key_parts": manifest["key_parts"]}
+    atomic.write_json(Path(cfg.state_dir) / manifest["stage"] / LATEST, latest)
+
+
+def why_ran(cfg: RunConfig, manifest: dict[str, Any], refreshed: bool = False) -> str:
+    """What changed since the stage's previous output: "contracts changed", "code changed", ..."""
+    if refreshed:
+        return "refreshed on request"
+    try:
+        import json
+
+        previous = json.loads((Path(cfg.state_dir) / manifest["stage"] / LATEST).read_text())
+    except (FileNotFoundError, ValueError):
+        return "first run"
+    if previous["key"] == manifest["fingerprint"]:
+        return "output was missing"
+    changed = [name for name, value in manifest["key_parts"].items() if previous["key_parts"].get(name) != value]
+    return ", ".join(_describe(name) for name in changed) + " changed" if changed else "key scheme changed"
+
+
+def _describe(part: str) -> str:
+    kind, _, name = part.partition(".")
+    if kind == "upstream":
+        return f"{name} output"
+    return name or kind
+
+
+def retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: an error that says `retryable = False` (a spent eval budget:
+    a retry would spend it again) ends the stage at once; anything else gets the stage's retries."""
+    return getattr(getattr(state, "data", None), "retryable", True) is not False
+
+
+def prefect_task(stage: Stage) -> Any:
+    """The Prefect task of a stage: cached on the stage key, returning the manifest (JSON)."""
+    from prefect import task
+
+    def cache_key(context: Any, parameters: dict[str, Any]) -> str:
+        return f"loraflow-{stage.name}-{parameters['key']}"
+
+    @task(name=stage.name, cache_key_fn=cache_key, persist_result=True, result_serializer="json", tags=["gpu"] if stage.uses_gpu else [],
+          retry_condition_fn=retry_unless_final)
+    def stage_task(cfg: RunConfig, key: str, upstream: Manifests) -> dict[str, Any]:
+        manifest = run_stage(stage, cfg, upstream, key=key)
+        if stage.report is not None:
+            import_function(stage.report)(cfg, manifest)
+        return manifest
+
+    return stage_task
