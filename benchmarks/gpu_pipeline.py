@@ -205,19 +205,15 @@ def free_port() -> int:
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group (servers and launched workers included), SIGKILL after 10 s."""
+    """SIGTERM to the process group (servers and launched workers included), SIGKILL after 10 s;
+    a group whose leader already exited is killed outright (a server it started may outlive it)."""
+    from tasks.serving import stop_process_group as stop_group
+
     if process.poll() is not None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)  # a server it started may outlive it
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        return
+    stop_group(process)
 
 
 def last_error_line(lines: list[str]) -> str:

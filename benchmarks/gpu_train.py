@@ -90,7 +90,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from tasks.packing import IGNORE_INDEX, PackedCollator, pack_samples  # noqa: E402
+from tasks.chat_tokens import IGNORE_INDEX  # noqa: E402
+from tasks.packing import PackedCollator, pack_samples  # noqa: E402
 
 SEED = 0
 PAD_TOKEN_ID = 0

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import hub
 from tasks.config import DatasetConfig
 from tasks.errors import DataFamilyError
 
@@ -239,11 +240,14 @@ def source_format(dataset: DatasetConfig) -> str:
 def read_rows(dataset: DatasetConfig) -> Iterator[tuple[int, dict[str, Any] | RowError, str]]:
     """(row number, row or RowError, raw text for quarantine) for each row of a source."""
     path = Path(dataset.path)
-    if not path.exists():
-        raise DatasetError(f"{path}: dataset not found (datasets[].path in the config)")
-    kind = source_format(dataset)
-    readers = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
-    rows = readers[kind](path) if kind in readers else _arrow_rows(path, dataset.split)
+    if not path.exists() and hub.is_hub_id(dataset.path):
+        rows = _hub_rows(dataset)
+    elif not path.exists():
+        raise DatasetError(f"{path}: dataset not found (datasets[].path in the config: a file, a directory or a hub dataset id)")
+    else:
+        kind = source_format(dataset)
+        readers = {"json": _json_rows, "csv": _csv_rows, "parquet": _parquet_rows}
+        rows = readers[kind](path) if kind in readers else _arrow_rows(path, dataset.split)
     try:
         yield from rows
     except DatasetError:
@@ -342,6 +346,23 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError, 
         for row in batch.to_pylist():
             index += 1
             yield index, row, json.dumps(row, ensure_ascii=False, default=str)
+
+
+def _hub_rows(dataset: DatasetConfig) -> Iterator[tuple[int, dict[str, Any] | RowError, str]]:
+    """A hub dataset id: its snapshot resolved like a hub model (cache first, HF_HUB_OFFLINE honoured;
+    the commit keys prep), read with `datasets.load_dataset` and `name`, `split`, `data_files`."""
+    from datasets import load_dataset
+
+    try:
+        snapshot = hub.resolve(dataset.path, what="datasets[].path", repo_type="dataset").path
+    except hub.ModelNotFoundError as error:
+        raise DatasetError(str(error)) from None
+    try:
+        loaded = load_dataset(str(snapshot), name=dataset.name, split=dataset.split, data_files=dataset.data_files)
+    except ValueError as error:  # an unknown split or configuration name
+        raise DatasetError(f"{dataset.path}: {error}; check `split`, `name` and `data_files`") from None
+    for index, row in enumerate(loaded, start=1):
+        yield index, row, json.dumps(row, ensure_ascii=False, default=str)
 
 
 def _arrow_rows(path: Path, split: str) -> Iterator[tuple[int, dict[str, Any] | RowError, str]]:

@@ -54,8 +54,9 @@ def is_hub_id(reference: str) -> bool:
     return bool(_HUB_ID.match(reference)) and not Path(reference).expanduser().exists()
 
 
-def resolve(reference: str, revision: str | None = None, what: str = "base_model") -> ResolvedModel:
-    """The files of a model given by local directory or hub id (+ revision); see the module doc."""
+def resolve(reference: str, revision: str | None = None, what: str = "base_model", repo_type: str = "model") -> ResolvedModel:
+    """The files of a model (or, with `repo_type="dataset"`, a dataset) given by local directory or
+    hub id (+ revision); see the module doc."""
     local = Path(reference).expanduser()
     if local.is_dir():
         return ResolvedModel(reference, local)
@@ -67,9 +68,9 @@ def resolve(reference: str, revision: str | None = None, what: str = "base_model
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     cache_dir = hub_cache_dir()
     # What the cache's ref points at is part of the memo: a moved `refs/main` is seen at once.
-    ref_file = cache_dir / f"models--{reference.replace('/', '--')}" / "refs" / (revision or "main")
+    ref_file = cache_dir / f"{repo_type}s--{reference.replace('/', '--')}" / "refs" / (revision or "main")
     pointed_at = ref_file.read_text().strip() if ref_file.is_file() else ""
-    return _resolve_hub(reference, revision, what, offline, str(cache_dir), pointed_at)
+    return _resolve_hub(reference, revision, what, repo_type, offline, str(cache_dir), pointed_at)
 
 
 def hub_cache_dir() -> Path:
@@ -81,19 +82,22 @@ def hub_cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=64)
-def _resolve_hub(hub_id: str, revision: str | None, what: str, offline: bool, cache_dir: str, pointed_at: str) -> ResolvedModel:
+def _resolve_hub(
+    hub_id: str, revision: str | None, what: str, repo_type: str, offline: bool, cache_dir: str, pointed_at: str
+) -> ResolvedModel:
     """Memoised per process, offline mode, cache and cached ref: a run resolves each id once."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        path = Path(snapshot_download(hub_id, revision=revision, cache_dir=cache_dir, local_files_only=offline))
+        path = Path(snapshot_download(hub_id, revision=revision, repo_type=repo_type, cache_dir=cache_dir, local_files_only=offline))
     except (LocalEntryNotFoundError, FileNotFoundError) as error:
         raise ModelNotFoundError(
             f"`{what}: {hub_id}`{f' (revision {revision})' if revision else ''} is not in the local hub cache "
             f"({cache_dir})"
             + (" and HF_HUB_OFFLINE=1 forbids a download; download it on a machine with access "
-               "(`hf download " + hub_id + "`) into that cache, or unset HF_HUB_OFFLINE" if offline else
+               f"(`hf download {hub_id}{' --repo-type dataset' if repo_type == 'dataset' else ''}`) into that cache, "
+               "or unset HF_HUB_OFFLINE" if offline else
                " and the hub could not be reached; check the network or download it into the cache")
             + f" ({type(error).__name__})"
         ) from None

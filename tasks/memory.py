@@ -61,6 +61,12 @@ class ModelShape:
             "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden),
         }
 
+    def parameter_counts(self) -> tuple[int, int]:
+        """(decoder linear weights, everything else: embeddings, lm_head unless tied, norms); biases ignored."""
+        linear_params = self.layers * sum(fan_in * fan_out for fan_in, fan_out in self.linear_shapes().values())
+        embedding_params = self.vocab * self.hidden
+        return linear_params, (1 if self.tied_embeddings else 2) * embedding_params + (2 * self.layers + 1) * self.hidden
+
 
 def read_model_config(cfg: RunConfig) -> dict[str, Any] | None:
     """The base model's config.json, or None where the model is not on this machine (yet)."""
@@ -103,9 +109,8 @@ def estimate_peak_memory(
     compute_bytes = 2 if cfg.bf16 else 4
     tokens = cfg.micro_batch_size * cfg.sequence_len
     linears = shape.linear_shapes()
-    linear_params = shape.layers * sum(fan_in * fan_out for fan_in, fan_out in linears.values())
+    linear_params, other_params = shape.parameter_counts()
     embedding_params = shape.vocab * shape.hidden
-    other_params = (1 if shape.tied_embeddings else 2) * embedding_params + (2 * shape.layers + 1) * shape.hidden
 
     shards_weights = cfg.fsdp_config is not None or zero_stage == 3
     if cfg.load_in_4bit:

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tasks.chat_tokens import IGNORE_INDEX
 from tasks.errors import DataFamilyError
 
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
 
 
 class PackingError(DataFamilyError):

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import hub
 from tasks.axolotl_keys import GPU_ONLY_OPTIMIZERS
 from tasks.config import ConfigError, RunConfig, check_config
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
-from tasks.launch import deepspeed_problems, plan_processes
 from tasks.gpus import visible_gpus
+from tasks.launch import deepspeed_problems, plan_processes
 from tasks.memory import hardware_problems
 
 
@@ -35,6 +36,8 @@ class Checks:
     gpus: list[Any]
     model_config: dict | None
     processes: int
+    # Why the model's config.json is not here (a hub id missing from the cache offline, a wrong path).
+    model_missing: str = ""
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     skipped_gpu_checks: list[str] = field(default_factory=list)
@@ -50,14 +53,17 @@ class Checks:
 def check_datasets(checks: Checks) -> None:
     for index, dataset in enumerate(checks.cfg.datasets):
         if not Path(dataset.path).exists():
-            if checks.for_run or _looks_local(dataset.path):
+            if _looks_local(dataset.path):
                 checks.problems.append(f"`datasets[{index}].path`: {dataset.path} not found")
-            else:
-                checks.notes.append(
-                    f"dataset checks skipped for `datasets[{index}]`: {dataset.path} is not a local file here "
-                    "(a hub dataset id is read at run time)"
-                )
-            continue
+                continue
+            try:  # a hub dataset id: in the cache (or downloadable) for a run, a note for validate
+                hub.resolve(dataset.path, what=f"datasets[{index}].path", repo_type="dataset")
+            except hub.ModelNotFoundError as error:
+                if checks.for_run:
+                    checks.problems.append(str(error))
+                else:
+                    checks.notes.append(f"dataset checks skipped for `datasets[{index}]`: {error}")
+                continue
         try:
             check_source(dataset)
         except DatasetError as error:
@@ -73,13 +79,10 @@ def check_model(checks: Checks) -> None:
     cfg = checks.cfg
     if checks.model_config is None:
         if checks.for_run:
-            checks.problems.append(
-                f"`base_model`: {cfg.base_model} is not a local model directory with config.json "
-                "(loraflow never downloads; build the tiny model with `loraflow tiny-model DIR` or point at a local copy)"
-            )
+            checks.problems.append(f"`base_model`: {checks.model_missing}")
         else:
             checks.notes.append(
-                f"model checks skipped: {cfg.base_model} has no config.json here (sequence_len limit, LoRA targets, memory estimate)"
+                f"model checks skipped: {checks.model_missing} (sequence_len limit, LoRA targets, memory estimate)"
             )
         return
     limit = checks.model_config.get("max_position_embeddings")
@@ -198,17 +201,36 @@ def check_eval(checks: Checks) -> None:
             )
 
 
+def check_disk(checks: Checks) -> None:
+    """What the run writes (shards, checkpoints x save_total_limit, the export) against the free
+    space where `state_dir` lives (`tasks/disk.py`): refused now rather than at the first full checkpoint."""
+    from tasks.disk import disk_problem, estimate_disk_usage
+
+    if checks.model_config is None:
+        checks.notes.append(f"disk check skipped: {checks.cfg.base_model} has no config.json here to size checkpoints and the export from")
+        return
+    try:
+        estimate = estimate_disk_usage(checks.cfg, checks.model_config)
+    except KeyError as error:
+        checks.notes.append(f"disk check skipped: the model's config.json has no {error} (not a Llama-style config)")
+        return
+    checks.notes.extend(estimate.notes)
+    if (problem := disk_problem(checks.cfg, estimate)) is not None:
+        checks.problems.append(problem)
+
+
 # Every preflight check, in the order its findings are listed.
 CHECKS: tuple[Callable[[Checks], None], ...] = (
     check_datasets, check_model, check_hardware, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
-    check_quantization, check_optimizer, check_tokenizer_and_adapter_files, check_eval,
+    check_quantization, check_optimizer, check_tokenizer_and_adapter_files, check_eval, check_disk,
 )
 
 
 def run_checks(cfg: RunConfig, *, for_run: bool = True) -> Checks:
     """Runs every check; returns what they found (problems and notes), never raises for a finding."""
     gpus = visible_gpus()
-    checks = Checks(cfg, for_run, gpus, _read_model_config(cfg), plan_processes(cfg, gpus).processes)
+    model_config, model_missing = _read_model_config(cfg)
+    checks = Checks(cfg, for_run, gpus, model_config, plan_processes(cfg, gpus).processes, model_missing=model_missing)
     for check in CHECKS:
         check(checks)
     checks.problems = list(dict.fromkeys(checks.problems))  # two checks may name the same setting
@@ -282,23 +304,31 @@ def validate_config(config_path: str | Path) -> Validation:
 
 
 def _looks_local(value: str) -> bool:
-    """A path, not a hub id (`org/name`): starts with `.`, `/` or `~`, or exists here."""
-    return value.startswith((".", "/", "~")) or Path(value).exists() or value.count("/") != 1
+    """A path, not a hub id (`org/name`)."""
+    return not hub.is_hub_id(value)
 
 
-def _read_model_config(cfg: RunConfig) -> dict | None:
-    """The model's config.json (from `base_model_config` when set); None when there is none here."""
-    config_file = Path(cfg.base_model_config or cfg.base_model) / "config.json"
+def _read_model_config(cfg: RunConfig) -> tuple[dict | None, str]:
+    """The model's config.json (from `base_model_config` when set), resolved as the run will
+    (hub cache first); else None and why it is not here."""
+    try:
+        if cfg.base_model_config:
+            source = hub.resolve(cfg.base_model_config, what="base_model_config").path
+        else:
+            source = hub.base_model(cfg).path
+    except hub.ModelNotFoundError as error:
+        return None, str(error)
+    config_file = source / "config.json"
     if not config_file.is_file():
-        return None
-    return json.loads(config_file.read_text())
+        return None, f"{cfg.base_model} ({source}) has no config.json; point it at a model directory in Hugging Face format"
+    return json.loads(config_file.read_text()), ""
 
 
 def _missing_target_modules(cfg: RunConfig) -> list[str]:
     targets = cfg.lora_target_modules
     if isinstance(targets, str):
         return []  # `all-linear` or a regex: peft resolves it against the loaded model
-    module_names = _weight_module_names(Path(cfg.base_model))
+    module_names = _weight_module_names(hub.base_model(cfg).path)
     if not module_names:
         return []
     return [target for target in targets if target not in module_names]

@@ -333,8 +333,10 @@ def _paired_check(
         if condition.max_regression is not None:
             worse = high < -condition.max_regression
             check["passed"] &= not worse
-            kind = "significantly " if condition.confidence is not None else ""
-            details.append(f"{kind}{'beyond' if worse else 'within'} max_regression {condition.max_regression:g}")
+            if condition.confidence is not None:
+                details.append(f"{'significantly' if worse else 'not significantly'} beyond max_regression {condition.max_regression:g}")
+            else:
+                details.append(f"{'beyond' if worse else 'within'} max_regression {condition.max_regression:g}")
     check["passed"] = bool(check["passed"])
     return {**check, "detail": ", ".join(details)}
 

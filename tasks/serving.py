@@ -75,7 +75,7 @@ def managed_server(command: list[str], port: int, log_path: Path, startup_timeou
         _wait_until_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout, log_path, what)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        _stop(process)
+        stop_process_group(process)
 
 
 def transformers_serve(log_path: Path, startup_timeout: float) -> contextlib.AbstractContextManager[str]:
@@ -145,7 +145,7 @@ def _wait_until_healthy(process: subprocess.Popen, health_url: str, timeout: flo
     )
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
     """SIGTERM to the whole process group (a server may have started workers), SIGKILL after 10 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)

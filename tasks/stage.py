@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, store
+from tasks import atomic, disk, store
 from tasks.config import RunConfig, stage_settings
 from tasks.fingerprint import FileHasher, code_version, hash_json
 
@@ -133,16 +134,24 @@ def run_stage(
         else:
             work_dir = store.fresh_partial_dir(final_dir)
         started = time.monotonic()
-        built = import_function(stage.build)(cfg, work_dir, {name: upstream[name] for name in stage.upstream}, **options)
-        manifest = {
-            **built,
-            "stage": stage.name,
-            "fingerprint": key,
-            "key_parts": parts,
-            "output_digest": output_digest(stage, {**built, "key_parts": parts}),
-            "duration_s": round(time.monotonic() - started, 2),
-        }
-        return store.publish(work_dir, final_dir, manifest)
+        try:
+            built = import_function(stage.build)(cfg, work_dir, {name: upstream[name] for name in stage.upstream}, **options)
+            manifest = {
+                **built,
+                "stage": stage.name,
+                "fingerprint": key,
+                "key_parts": parts,
+                "output_digest": output_digest(stage, {**built, "key_parts": parts}),
+                "duration_s": round(time.monotonic() - started, 2),
+            }
+            return store.publish(work_dir, final_dir, manifest)
+        except Exception as error:
+            # Every stage writes through here: a full disk fails each the same way (tasks/disk.py).
+            if not disk.is_disk_full(error, work_dir):
+                raise
+            if not stage.resumable:  # nothing to resume from: give the space back now
+                shutil.rmtree(work_dir, ignore_errors=True)
+            raise disk.disk_full_error(cfg, stage.name, work_dir, error, kept=stage.resumable) from error
 
 
 def remember(cfg: RunConfig, manifest: dict[str, Any]) -> None:

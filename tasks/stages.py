@@ -42,14 +42,18 @@ def tokenizer_identity(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
     return {path.name: hasher.file(path) for path in files}
 
 
-def source_identity(path: Path, hasher: FileHasher) -> str:
+def source_identity(reference: str, hasher: FileHasher) -> Any:
+    """A file's or directory's content hash, or a hub dataset's resolved commit."""
+    path = Path(reference)
+    if not path.exists() and hub.is_hub_id(reference):
+        return hub.resolve(reference, what="datasets[].path", repo_type="dataset").identity(hasher)
     return hasher.tree(path) if path.is_dir() else hasher.file(path)
 
 
 def prep_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
     contract_dir = Path(cfg.contract.dir)
     return {
-        "sources": [source_identity(Path(dataset.path), hasher) for dataset in cfg.datasets],
+        "sources": [source_identity(dataset.path, hasher) for dataset in cfg.datasets],
         "contracts": [hasher.file(contract_path(contract_dir, d.contract)) if d.contract else None for d in cfg.datasets],
         "tokenizer": tokenizer_identity(cfg, hasher),
         "libraries": library_versions(TOKENIZE_LIBRARIES),

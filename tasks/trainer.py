@@ -11,8 +11,9 @@ from typing import Any
 
 from transformers import Trainer
 
+from tasks.chat_tokens import IGNORE_INDEX
 from tasks.errors import StageFailedError
-from tasks.packing import IGNORE_INDEX, PackedCollator
+from tasks.packing import PackedCollator
 
 
 class EmptyValSplitError(StageFailedError):

@@ -88,3 +88,29 @@ def test_quickstart_from_a_hub_id_offline_and_a_new_revision(prefect_harness, of
     assert why["train"].startswith("ran: ") and "base_model changed" in why["train"]
     card = (Path(second["export_path"]) / "README.md").read_text()
     assert f"at revision `{SECOND_COMMIT}`" in card
+
+
+def test_a_hub_dataset_id_is_read_from_the_cache_with_split_and_data_files(offline_hub, tiny_model_dir, tmp_path):
+    from tasks.stage import run_stage, stage_key
+    from tasks.stages import PREP
+
+    repo = offline_hub / "hub" / "datasets--acme--finance-chat"
+    snapshot = repo / "snapshots" / FIRST_COMMIT / "data"
+    snapshot.mkdir(parents=True)
+    lines = QUICKSTART_DATA.read_bytes().splitlines(keepends=True)
+    (snapshot / "train.jsonl").write_bytes(b"".join(lines[:120]))
+    (snapshot / "other.jsonl").write_bytes(b"".join(lines[120:130]))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(FIRST_COMMIT)
+    cfg = RunConfig(
+        base_model=str(tiny_model_dir), state_dir=str(tmp_path / "state"), sequence_len=256,
+        datasets=[{"path": "acme/finance-chat", "type": "chat_template", "data_files": "data/train.jsonl", "split": "train"}],
+    )
+    manifest = run_stage(PREP, cfg)
+    assert manifest["rows_in"] == 120 and manifest["rows_quarantined"] == 0
+    assert manifest["key_parts"]["inputs.sources"]  # keyed on the dataset's commit, not on its files' bytes
+    other = cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"data_files": "data/other.jsonl"})]})
+    assert stage_key(PREP, other, {}) != manifest["fingerprint"]
+
+    with pytest.raises(Exception, match="acme/absent.*not in the local hub cache"):
+        run_stage(PREP, cfg.model_copy(update={"datasets": [cfg.datasets[0].model_copy(update={"path": "acme/absent"})]}))

@@ -62,7 +62,7 @@ def test_chinese_sentiment_quickstart_learns(prefect_harness, zh_model_dir, tmp_
     assert summary["prep"]["rows_in"] == summary["prep"]["rows_accepted"] == 3000
 
     # The answers are Chinese labels, scored as such (not empty strings matching empty references).
-    eval_dir = next((tmp_path / "state" / "eval").iterdir())
+    eval_dir = tmp_path / "state" / "eval" / summary["stages"]["eval"]["fingerprint"]
     samples = [json.loads(line) for line in (eval_dir / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {sample["reference"] for sample in samples} == {"正面", "负面", "中性"}
 

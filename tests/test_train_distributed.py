@@ -29,8 +29,8 @@ import yaml
 from tasks.checkpoints import checkpoint_step, latest_complete_checkpoint
 from tasks.config import RunConfig, load_config
 from tasks.fingerprint import FileHasher
-from tasks.launch import ProcessPlan, deepspeed_problems, launch_command, plan_processes
 from tasks.gpus import GpuInfo
+from tasks.launch import ProcessPlan, deepspeed_problems, launch_command, plan_processes
 from tasks.memory import hardware_problems
 from tasks.progress import artifact_key
 from tasks.stage import prefect_task, stage_key

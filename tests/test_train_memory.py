@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tasks.config import RunConfig, load_config
-from tasks.launch import plan_processes, zero_stage
 from tasks.gpus import GpuInfo, visible_gpus
+from tasks.launch import plan_processes, zero_stage
 from tasks.memory import (
     describe_estimate,
     estimate_peak_memory,
