@@ -30,6 +30,9 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraflow")
 # The ephemeral API server migrates its database on a fresh PREFECT_HOME: on a busy 2-core machine
 # that took longer than Prefect's 20 s default, and a newcomer's first run died of it.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "600")
+# Flow runs send heartbeats (Prefect's minimum interval): a server's automation marks a run whose
+# process was killed Crashed when they stop (tasks/zombies.py). Inherited by `serve`'s flow runs.
+os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tuning pipelines: prep -> train -> eval -> export.")
 config_app = typer.Typer(no_args_is_help=True, help="The config format.")
@@ -106,10 +109,11 @@ def run(
 
     for config in configs:
         try:
-            checked_config(config)  # the flow gets this same object back: loaded and checked once per run
+            cfg = checked_config(config)  # the flow gets this same object back: loaded and checked once per run
         except LoraflowError as error:
             print(f"error: {error}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
+        ops_cli.set_up_crash_alert(cfg, config)
     if server is not None:
         server.join()
 

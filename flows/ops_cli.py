@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from tasks.config import RunConfig
 
 console = Console()
 REPO = Path(__file__).resolve().parents[1]
@@ -27,13 +34,77 @@ def _prefect_command() -> str:
 
 
 def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
-    """Start a local Prefect server (SQLite, 127.0.0.1 only, analytics off) for the UI."""
+    """Start a local Prefect server (SQLite, 127.0.0.1 only, analytics off) for the UI, with the
+    automation that marks killed pipeline runs Crashed."""
     url = f"http://127.0.0.1:{port}"
     console.print(f"Prefect UI: {url}")
     console.print(f"Point runs at it:  export PREFECT_API_URL={url}/api")
     environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{url}/api"}
     command = [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    raise typer.Exit(subprocess.call(command, env=environment))
+    process = subprocess.Popen(command, env=environment)
+    # A SIGTERM to this process (a service manager stopping it) stops the server too.
+    signal.signal(signal.SIGTERM, lambda *_: process.terminate())
+    try:
+        if _wait_until_healthy(f"{url}/api/health", process):
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: f"{url}/api"}):
+                _ensure_zombie_automation()
+        returncode = process.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached the server too (same process group): let it stop
+        returncode = process.wait()
+    raise typer.Exit(returncode)
+
+
+def _wait_until_healthy(health_url: str, process: subprocess.Popen, timeout: float = 300) -> bool:
+    """True once the server answers; False when it exited or stayed silent for `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(health_url, timeout=2) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    if process.poll() is None:
+        console.print(f"warning: the server did not answer {health_url} within {timeout:g} s: the zombie-run automation was not set up")
+    return False
+
+
+def _ensure_zombie_automation(announce_unchanged: bool = True) -> None:
+    from tasks.zombies import ZOMBIE_AUTOMATION, ZOMBIE_WINDOW_SECONDS, ensure_zombie_automation
+
+    try:
+        outcome = ensure_zombie_automation()
+    except Exception as error:  # the server stays useful without it; say what is missing
+        console.print(f"warning: the automation {ZOMBIE_AUTOMATION!r} could not be set up ({type(error).__name__}: {error})")
+        return
+    if announce_unchanged or outcome != "unchanged":
+        console.print(f"automation {ZOMBIE_AUTOMATION!r} {outcome}: a pipeline run silent for {ZOMBIE_WINDOW_SECONDS} s becomes Crashed")
+
+
+def set_up_crash_alert(cfg: RunConfig, config_path: Path | str) -> None:
+    """Before a run (or a deployment) of a config whose `notify.events` has `crashed`: the server's
+    automations that send that alert when the run's process is gone (tasks/zombies.py). Only a
+    Prefect server outlives a killed run; an alert that cannot be set up never stops the run."""
+    from prefect.settings import PREFECT_API_URL
+
+    from tasks.zombies import run_tag, sync_crash_alert
+
+    picked = cfg.notify is not None and "crashed" in cfg.notify.events
+    if not PREFECT_API_URL.value():
+        if picked:
+            console.print("note: `crashed` alerts are sent by a Prefect server: set PREFECT_API_URL (see `loraflow server`)")
+        return
+    try:
+        if picked:
+            _ensure_zombie_automation(announce_unchanged=False)
+        for line in sync_crash_alert(cfg, run_tag(config_path)):
+            console.print(line)
+    except Exception as error:
+        if picked:  # otherwise this was only the removal of a stale alert: the run will say if the server is down
+            console.print(f"warning: `crashed` alerts for {config_path} could not be set up ({type(error).__name__}: {error})")
 
 
 def serve(
@@ -45,12 +116,15 @@ def serve(
     from prefect.schedules import Cron
 
     from flows.pipeline import checked_config, pipeline
+    from tasks.zombies import run_tag
 
-    schedule = checked_config(config).schedule
+    cfg = checked_config(config)
+    schedule = cfg.schedule
+    set_up_crash_alert(cfg, config)
     console.print(f"serving {config} on `{cron or schedule.cron}` ({schedule.timezone})")
     pipeline.serve(
         name=f"{config.stem}-served", schedules=[Cron(cron or schedule.cron, timezone=schedule.timezone)],
-        parameters={"config_path": str(config)}, global_limit=1,
+        parameters={"config_path": str(config)}, global_limit=1, tags=[run_tag(config), "loraflow"],
     )
 
 
@@ -61,12 +135,26 @@ def deploy(prefect_file: Path = typer.Option(PREFECT_FILE, help="Deployment defi
         console.print("PREFECT_API_URL is not set: start `loraflow server` and export PREFECT_API_URL=http://127.0.0.1:4200/api")
         raise typer.Exit(2)
     asyncio.run(_ensure_pool_and_limit())
+    _ensure_zombie_automation()
     command = [_prefect_command(), "--no-prompt", "deploy", "--all", "--prefect-file", str(prefect_file)]
     returncode = subprocess.call(command, cwd=REPO)
     if returncode == 0:
         for name, cron, timezone in asyncio.run(_apply_config_schedules(prefect_file)):
             console.print(f"{name}: scheduled `{cron}` ({timezone}) from its config's `schedule:`")
+        _set_up_deployment_crash_alerts(prefect_file)
     raise typer.Exit(returncode)
+
+
+def _set_up_deployment_crash_alerts(prefect_file: Path) -> None:
+    """The `crashed` alert of each deployed config (its runs carry the `config:<name>` tag set in
+    prefect.yaml); a webhook's `url_env` is read from this command's environment."""
+    import yaml
+
+    from tasks.config import load_config
+
+    for definition in yaml.safe_load(prefect_file.read_text()).get("deployments", []):
+        if config_path := (definition.get("parameters") or {}).get("config_path"):
+            set_up_crash_alert(load_config(REPO / config_path), config_path)
 
 
 async def _apply_config_schedules(prefect_file: Path) -> list[tuple[str, str, str]]:

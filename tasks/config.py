@@ -301,7 +301,7 @@ class FsdpConfig(StrictModel):
 FSDP_OPTIONS = Literal["full_shard", "shard_grad_op", "offload", "auto_wrap"]
 
 
-NOTIFY_EVENTS = ("failed", "not_promoted", "promoted", "budget_exceeded")
+NOTIFY_EVENTS = ("failed", "crashed", "not_promoted", "promoted", "budget_exceeded")
 
 
 class NotifyConfig(StrictModel):
@@ -321,7 +321,8 @@ class NotifyConfig(StrictModel):
 
     events: list[str] = Field(
         default_factory=lambda: ["failed", "not_promoted", "budget_exceeded"],
-        description="Events that send a message: failed, not_promoted, promoted, budget_exceeded.",
+        description="Events that send a message: failed, crashed (sent by the Prefect server: needs PREFECT_API_URL, "
+        "see tasks/zombies.py), not_promoted, promoted, budget_exceeded.",
     )
     webhook: Webhook | None = Field(None, description="A plain webhook: HTTP POST of the JSON body.")
     block: str | None = Field(None, description="Name of a saved Prefect notification block (Slack, email, ...).")
@@ -329,11 +330,6 @@ class NotifyConfig(StrictModel):
     @model_validator(mode="after")
     def _known_events(self) -> NotifyConfig:
         for event in self.events:
-            if event == "crashed":
-                raise ValueError(
-                    "`notify.events`: `crashed` is not sent yet (it needs the Prefect automation that marks zombie runs); "
-                    f"choose among {', '.join(NOTIFY_EVENTS)}"
-                )
             if event not in NOTIFY_EVENTS:
                 raise ValueError(f"`notify.events`: unknown event {event!r}; choose among {', '.join(NOTIFY_EVENTS)}")
         return self

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import RunConfig
-from tasks.errors import ConfigFamilyError, DataFamilyError, StageFailedError
+from tasks.errors import ConfigFamilyError, DataFamilyError, LoraflowError, StageFailedError
 from tasks.memory import GB, ModelShape, estimate_peak_memory, read_model_config
 
 # Prep output per source byte: 1.90 measured on the quickstart (see the module docstring).
@@ -160,6 +160,17 @@ def describe_bytes(count: float) -> str:
     return f"{int(count)} B"
 
 
+def describe_disk(cfg: RunConfig, estimate: DiskEstimate) -> str:
+    """`loraflow validate`'s line: the peak, its parts, and the free space where `state_dir` lives."""
+    where, free = free_bytes(Path(cfg.state_dir))
+    return (
+        f"estimated disk use under state_dir: {describe_bytes(estimate.peak)} at the peak (prep {describe_bytes(estimate.prep)}, "
+        f"adapter {describe_bytes(estimate.adapter)}, {estimate.checkpoints_in_flight} checkpoints {describe_bytes(estimate.checkpoints)}, "
+        f"eval's merged copy {describe_bytes(estimate.eval_copy)}, export {describe_bytes(estimate.export)}); "
+        f"{describe_bytes(free)} free at {where}"
+    )
+
+
 def disk_problem(cfg: RunConfig, estimate: DiskEstimate) -> str | None:
     """A preflight problem when the run's peak exceeds the free space where `state_dir` lives,
     with the parts, the numbers, and the settings that would make it fit."""
@@ -189,8 +200,9 @@ def disk_problem(cfg: RunConfig, estimate: DiskEstimate) -> str | None:
 
 def is_disk_full(error: BaseException, path: Path) -> bool:
     """Whether `error` (or an error it was raised from) came from a full disk: ENOSPC / EDQUOT, a
-    library's wording of them, or any failure while the filesystem of `path` is all but full
-    (torch.save's errors carry no errno). Errors that explain bad input are never counted."""
+    library's wording of them (also in a launched process's output that `LaunchError` quotes), or a
+    library's failure while the filesystem of `path` is all but full (torch.save's errors carry no
+    errno). Our own errors otherwise explain themselves (bad input, SIGTERM) and are left alone."""
     if isinstance(error, (ConfigFamilyError, DataFamilyError, DiskFullError)):
         return False
     cause: BaseException | None = error
@@ -200,14 +212,16 @@ def is_disk_full(error: BaseException, path: Path) -> bool:
         if any(words in str(cause).lower() for words in DISK_FULL_MESSAGES):
             return True
         cause = cause.__cause__ or cause.__context__
-    return isinstance(error, Exception) and free_bytes(path)[1] < NEARLY_FULL_BYTES
+    return not isinstance(error, LoraflowError) and free_bytes(path)[1] < NEARLY_FULL_BYTES
 
 
 def disk_full_error(cfg: RunConfig, stage: str, work_dir: Path, error: BaseException, kept: bool) -> DiskFullError:
     """The error a stage fails with when its disk fills: the file being written (the error's, else
-    the newest in the stage's directory), the space free and needed, what to change, and what the
-    next run does. Called before a non-resumable stage's directory is removed."""
-    written = _failed_path(error) or _newest_file(work_dir) or work_dir
+    the directory of the newest file in the stage's directory: library errors rarely name the
+    file), the space free and needed, what to change, and what the next run does. Called before a
+    non-resumable stage's directory is removed."""
+    newest = _newest_file(work_dir)
+    written = _failed_path(error) or (newest.parent if newest else work_dir)
     _, free = free_bytes(work_dir)
     needed = ""
     model_config = read_model_config(cfg)

@@ -13,18 +13,23 @@ class LoraflowError(Exception):
     """Something loraflow can explain: the message names the file, the setting and the fix."""
 
     exit_code = 1
+    # Whether a stage's configured retries may try again (tasks/stage.py `retry_unless_final`): a bad
+    # config, bad data, a full disk or a spent budget fail the same way every time.
+    retryable = True
 
 
 class ConfigFamilyError(LoraflowError, ValueError):
     """The run config (or a file it names) cannot run as written. Exit code 2."""
 
     exit_code = 2
+    retryable = False
 
 
 class DataFamilyError(LoraflowError, ValueError):
     """The input data breaks its contract or cannot be read. Exit code 3."""
 
     exit_code = 3
+    retryable = False
 
 
 class StageFailedError(LoraflowError, RuntimeError):

@@ -49,9 +49,16 @@ class ResolvedModel:
         return {"reference": self.reference, "hub_id": self.hub_id, "revision": self.commit}
 
 
+# A name ending like a data file is a local path that is missing, never a hub id.
+_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".gz", ".zst", ".txt", ".yaml", ".yml")
+
+
 def is_hub_id(reference: str) -> bool:
-    """`org/name` that is not an existing local path."""
-    return bool(_HUB_ID.match(reference)) and not Path(reference).expanduser().exists()
+    """`org/name` that is not an existing local path (nor a missing data file's path)."""
+    return (
+        bool(_HUB_ID.match(reference)) and not reference.lower().endswith(_FILE_SUFFIXES)
+        and not Path(reference).expanduser().exists()
+    )
 
 
 def resolve(reference: str, revision: str | None = None, what: str = "base_model", repo_type: str = "model") -> ResolvedModel:
@@ -93,13 +100,15 @@ def _resolve_hub(
         path = Path(snapshot_download(hub_id, revision=revision, repo_type=repo_type, cache_dir=cache_dir, local_files_only=offline))
     except (LocalEntryNotFoundError, FileNotFoundError) as error:
         raise ModelNotFoundError(
-            f"`{what}: {hub_id}`{f' (revision {revision})' if revision else ''} is not in the local hub cache "
+            f"`{what}: {hub_id}`{f' (revision {revision})' if revision else ''}: no local directory of that name here, "
+            "and as a hub id it is not in the local hub cache "
             f"({cache_dir})"
             + (" and HF_HUB_OFFLINE=1 forbids a download; download it on a machine with access "
                f"(`hf download {hub_id}{' --repo-type dataset' if repo_type == 'dataset' else ''}`) into that cache, "
                "or unset HF_HUB_OFFLINE" if offline else
                " and the hub could not be reached; check the network or download it into the cache")
             + f" ({type(error).__name__})"
+            + ("; or point it at a local model directory (`loraflow tiny-model DIR` builds a small one)" if repo_type == "model" else "")
         ) from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as error:
         raise ModelNotFoundError(

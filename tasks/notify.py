@@ -12,7 +12,8 @@ The body, the same for every target (a block gets it as indented JSON text):
 
 A message that cannot be delivered is logged and never fails the run: the run's own outcome is
 what matters, and an alert outage must not turn a promoted model into a failed run.
-(`crashed` is not sent: it needs the Prefect automation that marks zombie runs.)
+(`crashed` is sent by the Prefect server, not from here: the process that would send it is dead;
+see tasks/zombies.py.)
 """
 
 from __future__ import annotations

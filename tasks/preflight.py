@@ -300,6 +300,9 @@ def validate_config(config_path: str | Path) -> Validation:
         validation.memory_estimate = {**{key: round(value, 3) for key, value in estimate.items()}, "processes": checks.processes,
                                       "unit": "GB"}
         validation.estimate_lines = describe_estimate(report.cfg, estimate, checks.gpus, checks.processes)
+        from tasks.disk import describe_disk, estimate_disk_usage
+
+        validation.estimate_lines.append(describe_disk(report.cfg, estimate_disk_usage(report.cfg, checks.model_config)))
     return validation
 
 

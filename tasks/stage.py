@@ -13,7 +13,8 @@ content-addressed actions do.
 
 **One runner.** `run_stage`: reuse the output published under the key, else build it in
 `<key>.partial` under the key's lock and publish it (manifest last, directory renamed into place).
-`prefect_task` makes the Prefect task of any stage with the key as its cache key.
+`prefect_task` makes the Prefect task of any stage with the key as its cache key. A disk that fills
+during a build fails any stage the same way (`tasks.disk.DiskFullError`), publishing nothing.
 
 Each manifest carries `fingerprint` (its key), `key_parts` (hashes of what went into the key)
 and `output_digest`. `<state_dir>/<stage>/latest.json` remembers the last key parts, so a run can
@@ -149,9 +150,10 @@ def run_stage(
             # Every stage writes through here: a full disk fails each the same way (tasks/disk.py).
             if not disk.is_disk_full(error, work_dir):
                 raise
+            disk_full = disk.disk_full_error(cfg, stage.name, work_dir, error, kept=stage.resumable)
             if not stage.resumable:  # nothing to resume from: give the space back now
                 shutil.rmtree(work_dir, ignore_errors=True)
-            raise disk.disk_full_error(cfg, stage.name, work_dir, error, kept=stage.resumable) from error
+            raise disk_full from error
 
 
 def remember(cfg: RunConfig, manifest: dict[str, Any]) -> None:

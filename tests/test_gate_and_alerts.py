@@ -67,8 +67,10 @@ def test_config_of_the_gate_the_test_set_and_alerts():
     with pytest.raises(ValidationError, match="`confidence` applies to"):
         PromoteCondition(metric="accuracy", min=0.5, confidence=0.95)
     assert PromoteCondition(metric="accuracy", min_improvement=0.0).min_improvement == 0.0
-    with pytest.raises(ValidationError, match="`crashed` is not sent yet"):
-        NotifyConfig(events=["crashed"], webhook={"url": "http://127.0.0.1:1/"})
+    # `crashed` is sent by the Prefect server (tasks/zombies.py, tests/test_ops_crashed.py).
+    assert NotifyConfig(events=["crashed"], webhook={"url": "http://127.0.0.1:1/"}).events == ["crashed"]
+    with pytest.raises(ValidationError, match="unknown event 'crash'"):
+        NotifyConfig(events=["crash"], webhook={"url": "http://127.0.0.1:1/"})
     with pytest.raises(ValidationError, match="one of `url` and `url_env`"):
         NotifyConfig(webhook={})
     cfg = RunConfig.model_validate({"base_model": "m", "datasets": [{"path": "d.jsonl"}],
@@ -187,11 +189,12 @@ def test_the_flow_alerts_on_a_failed_stage_and_a_spent_budget(prefect_harness, t
         config = tmp_path / "alerts.yaml"
         config.write_text(yaml.safe_dump(raw))
 
-        missing = tmp_path / "broken.yaml"
-        missing.write_text(yaml.safe_dump({**raw, "datasets": [{**raw["datasets"][0], "path": str(tmp_path / "empty.jsonl")}]}))
-        (tmp_path / "empty.jsonl").write_text("")
-        with pytest.raises(Exception, match="empty"):
-            pipeline(str(missing))
+        # A row that is not JSON: quarantined, above contract.max_rejected_fraction = 0, prep fails.
+        (tmp_path / "broken.jsonl").write_bytes(b"".join(lines[:40]) + b"{not json\n")
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(yaml.safe_dump({**raw, "datasets": [{**raw["datasets"][0], "path": str(tmp_path / "broken.jsonl")}]}))
+        with pytest.raises(Exception, match="max_rejected_fraction"):
+            pipeline(str(broken))
         with pytest.raises(BudgetExceededError, match="eval.budget_usd=3.5 reached"):
             pipeline(str(config))
         assert stub.requests == 3  # stopped before a 4th paid request, and not retried

@@ -21,6 +21,7 @@ import yaml
 from openai_stub import StubServer
 
 from tasks.serving import free_port
+from tasks.zombies import ZOMBIE_AUTOMATION
 from tests.faults.harness import prefect_server
 
 pytestmark = pytest.mark.e2e
@@ -205,8 +206,9 @@ def test_failed_eval_retried_reruns_only_eval(prefect_env, tiny_model_dir, tmp_p
 
 
 def test_nightly_deployment_is_created_with_its_schedule(prefect_env):
-    result = loraflow(prefect_env, "deploy")
-    assert result.returncode == 0, result.stdout + result.stderr
+    for _ in range(2):
+        result = loraflow(prefect_env, "deploy")
+        assert result.returncode == 0, result.stdout + result.stderr
 
     async def read():
         from prefect.client.orchestration import get_client
@@ -214,9 +216,13 @@ def test_nightly_deployment_is_created_with_its_schedule(prefect_env):
         async with get_client() as client:
             deployment = await client.read_deployment_by_name("loraflow-pipeline/nightly-quickstart")
             limits = await client.read_concurrency_limits(limit=50, offset=0)
-        return deployment, limits
+            zombie_automations = await client.read_automations_by_name(ZOMBIE_AUTOMATION)
+        return deployment, limits, zombie_automations
 
-    deployment, limits = api(prefect_env, read)
+    deployment, limits, zombie_automations = api(prefect_env, read)
+    # Killed runs become Crashed (tests/test_ops_crashed.py): deploying twice keeps one automation.
+    assert len(zombie_automations) == 1 and zombie_automations[0].enabled
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in deployment.job_variables["env"]
     assert [schedule.schedule.cron for schedule in deployment.schedules] == ["0 2 * * *"]
     assert deployment.schedules[0].schedule.timezone == "UTC"
     assert deployment.parameters == {"config_path": "configs/quickstart.yaml"}

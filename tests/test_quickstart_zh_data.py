@@ -81,7 +81,7 @@ def zh_tokenizer(tmp_path_factory):
 
 
 def test_chinese_tokenizer_gives_one_token_per_character(zh_tokenizer):
-    for text in ("正面", "负面", "中性", "该新闻为正面", "东篱酒业业绩超出预期，说明公司盈利能力持续增强。"):
+    for text in ("正面", "负面", "中性", "此消息影响偏正面", "东篱酒业业绩超出预期，说明公司盈利能力持续增强。"):
         ids = zh_tokenizer(text)["input_ids"]
         assert [zh_tokenizer.decode([i]) for i in ids] == list(text), text
     # Every character of the corpus is in the vocab as a token of its own, and English still merges.
@@ -89,8 +89,9 @@ def test_chinese_tokenizer_gives_one_token_per_character(zh_tokenizer):
 
 
 def test_chinese_tokenizer_is_lossless_on_unseen_text(zh_tokenizer):
-    unseen = "𠀀龘 (ＡＢＣ) 债券信用风险 – ok"
+    unseen = "𠀀龘 (ＡＢＣ) 该债券信用风险 – ok"
     assert zh_tokenizer.decode(zh_tokenizer(unseen)["input_ids"]) == unseen
+    assert len(zh_tokenizer("该")["input_ids"]) > 1  # not in the corpus: spelled by its UTF-8 bytes
 
 
 def test_chinese_rows_cost_about_as_many_tokens_as_the_english_ones(zh_tokenizer, tiny_tokenizer):

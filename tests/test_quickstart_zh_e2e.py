@@ -75,5 +75,6 @@ def test_chinese_analysis_task_scores_rouge_l_over_characters(prefect_harness, z
     tuned, base = summary["eval"]["tuned"], summary["eval"]["base"]
     print(f"\nquickstart-zh-analysis: tuned rouge_l {tuned['rouge_l']}, base rouge_l {base['rouge_l']}")
     assert "accuracy" not in tuned  # no label set: a free-text task
-    assert tuned["rouge_l"] >= 0.6, tuned
-    assert base["rouge_l"] <= 0.2, base
+    # Measured: tuned 0.62 (right form and conclusion, the company or the reason often wrong), base 0.03.
+    assert tuned["rouge_l"] >= 0.5, tuned
+    assert base["rouge_l"] <= 0.1, base

@@ -11,10 +11,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tasks import store
@@ -129,6 +130,19 @@ def build_template(directory: Path, tiny_model_dir: Path, **settings) -> Templat
     cfg = load_config(path)
     prep_manifest = run_stage(PREP, cfg)
     return Template(path, prep_manifest, stage_key(TRAIN, cfg, {"prep": prep_manifest}))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a test module's runs: on a busy 2-core machine two threads spinning in
+    OpenMP waits made the tiny model's training 7x slower, and bit-equality between runs holds for
+    one number of threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def new_stage(template: Template, directory: Path) -> Stage:

@@ -111,7 +111,7 @@ CASES: list[BadConfig] = [
               set={"eval.compare_base": False, "eval.judge": {"base_url": "http://127.0.0.1:9/v1", "model": "judge"}}),
     BadConfig("merge_dtype_int8", ("`export.merge_dtype`", "float32"), set={"export.merge_dtype": "int8"}),
     BadConfig("gguf_with_adapter_only", ("adapter_only: false",), set={"export.gguf": True, "export.adapter_only": True}),
-    BadConfig("promote_if_without_bound", ("`accuracy`", "needs `min`, `max` or `max_regression`"),
+    BadConfig("promote_if_without_bound", ("`accuracy`", "needs `min`, `max`, `max_regression` or `min_improvement`"),
               set={"export.promote_if": [{"metric": "accuracy"}]}),
     BadConfig("report_to_unknown", ("`report_to", "tensorboard"), set={"report_to": "comet_ml"}),
     # keys and file shape
