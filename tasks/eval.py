@@ -52,15 +52,24 @@ class EvalError(StageFailedError):
     """Eval cannot run on these inputs; the message names the setting to change."""
 
 
-def load_eval_items(prep_dir: Path, limit: int | None, file_name: str = "val_messages.jsonl") -> list[dict[str, Any]]:
+def load_eval_items(
+    prep_dir: Path, limit: int | None, file_name: str = "val_messages.jsonl", with_text: bool = False
+) -> list[dict[str, Any]]:
     """Val (or test set) conversations as (prompt, reference): everything before the last assistant
-    turn is the prompt, the last assistant turn is the reference."""
+    turn is the prompt, the last assistant turn is the reference. Rows of plain text (`completion`,
+    `input_output`) have no answer turn to score; `with_text` returns them as {"text": prompt
+    part} too, for checks that only need model input (the export's merge verification)."""
     items = []
     with (prep_dir / file_name).open(encoding="utf-8") as handle:
         for line in handle:
             messages = json.loads(line)["messages"]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            items.append({"prompt": messages[:last], "reference": messages[last]["content"]})
+            if messages and "role" not in messages[0]:  # text segments {"text", "train"}
+                if with_text:
+                    untrained = "".join(segment["text"] for segment in messages if not segment["train"])
+                    items.append({"text": untrained or messages[0]["text"][: max(1, len(messages[0]["text"]) // 2)]})
+            else:
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                items.append({"prompt": messages[:last], "reference": messages[last]["content"]})
             if len(items) == limit:
                 break
     return items
@@ -72,10 +81,20 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     train_manifest, prep_manifest = upstream["train"], upstream["prep"]
     prep_dir = store.output_dir(cfg, prep_manifest)
     items = load_eval_items(prep_dir, cfg.eval.max_samples)
-    if not items:
-        raise EvalError("eval has no val rows to score: set val_set_size above 0")
     # The pinned test set is scored in full, every run: it is what the promotion gate compares on.
     test_items = load_eval_items(prep_dir, None, prep_manifest["test_items"]) if prep_manifest.get("test_items") else []
+    if not items:  # `val_set_size: 0`: the pinned test set is what there is to score
+        items = test_items
+    if not items:
+        # `val_set_size: 0` and no `eval.test_set`: nothing to score, said once here and by the gate.
+        reason = (
+            "eval skipped: no val split (val_set_size: 0) and no eval.test_set, so there is nothing to score"
+            if cfg.val_set_size == 0 else
+            "eval skipped: the val rows are plain text (completion / input_output) with no answer turn to score"
+        )
+        log.warning(reason)
+        return {"skipped": reason, "metrics": {}, "samples": 0, "cost_usd": {"total": 0.0},
+                "eval_loss": train_manifest.get("eval_loss"), "eval_perplexity": train_manifest.get("eval_perplexity")}
     cache_dir = Path(cfg.state_dir) / RESPONSE_CACHE
     adapter_dir = store.output_dir(cfg, train_manifest) / train_manifest["adapter_dir"]
     judge = judge_target(cfg.eval)
@@ -270,6 +289,9 @@ def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:
 
     from tasks.progress import artifact_key
 
+    if manifest.get("skipped"):
+        create_markdown_artifact(markdown=f"# Eval\n\n{manifest['skipped']}.", key=artifact_key(cfg.name, "eval-comparison"))
+        return
     create_table_artifact(table=metric_rows(manifest), key=artifact_key(cfg.name, "eval-metrics"), description="Eval metrics per model")
     create_markdown_artifact(markdown=comparison_markdown(manifest), key=artifact_key(cfg.name, "eval-comparison"))
 

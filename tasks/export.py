@@ -98,15 +98,17 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     adapter_dir = store.output_dir(cfg, train_manifest) / train_manifest["adapter_dir"]
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir} holds no adapter_config.json; re-run training (`loraflow run CONFIG --refresh train`)")
-    items = load_eval_items(store.output_dir(cfg, upstream["prep"]), cfg.export.verify_prompts)
+    items = verify_items(store.output_dir(cfg, upstream["prep"]), upstream["prep"], cfg.export.verify_prompts)
     if not items:
-        raise ExportError("export verifies the merge on val prompts but the val split is empty: set val_set_size above 0")
+        raise ExportError("export verifies the merge on prompts from prep, but prep kept no conversation to take them from")
 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     prompts = [
-        tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_tensors="pt")["input_ids"] for item in items
+        tokenizer(item["text"], return_tensors="pt")["input_ids"] if "text" in item else
+        tokenizer.apply_chat_template(item["prompt"], add_generation_prompt=True, return_tensors="pt")["input_ids"]
+        for item in items
     ]
     qlora = train_manifest.get("adapter") == "qlora"
     # LoRA: the adapter on the base in the merge dtype. QLoRA: the model as trained (nf4 base).
@@ -140,6 +142,15 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         kind, verification["prompts"], verification["max_logit_diff"], verification["weights_changed"], verification["merge_s"],
     )
     return manifest
+
+
+def verify_items(prep_dir: Path, prep_manifest: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """Prompts to verify the merge on: val items, else the pinned test set's, else (`val_set_size: 0`)
+    the few training conversations prep keeps for this."""
+    for file_name in ("val_messages.jsonl", prep_manifest.get("test_items"), prep_manifest.get("probe_items")):
+        if file_name and (prep_dir / file_name).is_file() and (items := load_eval_items(prep_dir, count, file_name, with_text=True)):
+            return items
+    return []
 
 
 def _export_merged(

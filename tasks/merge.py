@@ -85,9 +85,21 @@ def load_adapter_model(
     from peft import PeftModel
 
     base = load_base(base_model, dtype, trust_remote_code, load_in_4bit)
+    match_adapter_vocabulary(base, adapter_dir)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
     model.eval()
     return model
+
+
+def match_adapter_vocabulary(base: Any, adapter_dir: Path) -> None:
+    """Training added tokens (`special_tokens`, `tokens`) and grew the embeddings; the adapter's
+    saved tokenizer says by how much, and the base must grow the same before the adapter (which
+    carries the trained embedding rows) fits onto it."""
+    from transformers import AutoTokenizer
+
+    vocabulary = len(AutoTokenizer.from_pretrained(adapter_dir))
+    if vocabulary > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(vocabulary)
 
 
 def load_merged(
@@ -110,6 +122,7 @@ def merge_into(base: Any, adapter_dir: Path) -> tuple[Any, WeightChanges]:
     """Attaches the adapter to `base` (already holding the weights to merge into) and merges it."""
     from peft import PeftModel
 
+    match_adapter_vocabulary(base, adapter_dir)
     adapter_model = PeftModel.from_pretrained(base, str(adapter_dir))
     adapter_model.eval()
     changes = record_adapter_deltas(adapter_model)

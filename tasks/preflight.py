@@ -190,15 +190,12 @@ def check_eval(checks: Checks) -> None:
             check_vllm_available()
         except EndpointUnavailableError as error:
             checks.needs_gpu(str(error))
-    if cfg.val_set_size == 0 and cfg.eval.endpoint in ("local", "vllm"):
-        problem = "`val_set_size` is 0, so eval has nothing to score; set it to e.g. 0.05"
-        if checks.for_run:
-            checks.problems.append(problem)
-        else:
-            checks.notes.append(
-                "`val_set_size: 0`: no val split, so eval and the merge check have nothing to score; "
-                "`loraflow run` refuses this until val_set_size is above 0 (e.g. 0.05)"
-            )
+    if cfg.val_set_size == 0:
+        checks.notes.append(
+            "`val_set_size: 0`: no val split; eval scores the pinned `eval.test_set`" if cfg.eval.test_set else
+            "`val_set_size: 0`: no val split and no `eval.test_set`: eval is skipped and the promotion gate has nothing "
+            "to compare (the merge is still verified, on a few training prompts)"
+        )
 
 
 def check_disk(checks: Checks) -> None:

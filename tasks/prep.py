@@ -34,6 +34,8 @@ ROWS_PER_SHARD = 50_000
 CONTRACT_CHUNK_ROWS = 100_000
 TOKENIZE_BATCH = 512
 VAL_ITEMS = "val_messages.jsonl"
+PROBE_ITEMS = "probe_messages.jsonl"
+PROBE_ROWS = 16
 TEST_ITEMS = "test_messages.jsonl"
 PREP_REPORT_KEYS = (
     "rows_in", "rows_accepted", "rows_quarantined", "train_samples", "val_samples", "tokens", "trained_tokens", "packing_efficiency",
@@ -83,6 +85,10 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     val_shards = add_hashes(write_shards(_packed_rows(reader, val_bins), work_dir, "val", ROWS_PER_SHARD), work_dir)
     val_messages = (reader.messages(index) for index in val_indices)
     atomic.write_jsonl(work_dir / VAL_ITEMS, ({"messages": messages} for messages in val_messages if messages))
+    # Without a val split (`val_set_size: 0`) the export still verifies its merge on some prompts:
+    # a few training conversations (verification compares two models, it scores nothing).
+    probe_indices = [] if val_indices else train_indices[:PROBE_ROWS]
+    atomic.write_jsonl(work_dir / PROBE_ITEMS, ({"messages": reader.messages(index)} for index in probe_indices))
     lengths = reader.lengths
     train_tokens = sum(lengths[i] for i in train_indices)
     efficiency = train_tokens / (len(train_bins) * cfg.sequence_len) if train_bins else 0.0
@@ -109,6 +115,8 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         "val_shards": val_shards,
         "val_items": VAL_ITEMS,
         "val_items_sha256": FileHasher().file(work_dir / VAL_ITEMS),
+        "probe_items": PROBE_ITEMS,
+        "probe_items_sha256": FileHasher().file(work_dir / PROBE_ITEMS),
         "rows_overlapping_test_set": rows_overlapping,
         **({"test_set": test_set, "test_items": TEST_ITEMS, "test_items_sha256": test_set["items_sha256"]} if test_set else {}),
     }

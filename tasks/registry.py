@@ -225,7 +225,8 @@ def evaluate_gate(
     per-item scores in `candidate` is read on those items, and compared with production's scores
     on the same items (`paired`: production's items and whether they were stored or re-scored)."""
     if not conditions:
-        return {"promoted": True, "reason": "no promote_if conditions: every new version is promoted", "checks": []}
+        nothing_scored = "" if metrics.get("tuned") else " (eval scored nothing, so the gate has nothing to compare)"
+        return {"promoted": True, "reason": f"no promote_if conditions: every new version is promoted{nothing_scored}", "checks": []}
     checks = [_check(condition, metrics, production_metrics, production_name, candidate, paired) for condition in conditions]
     failed = [check["detail"] for check in checks if not check["passed"]]
     if failed:
@@ -242,6 +243,9 @@ def _check(
         return _paired_check(condition, candidate, candidate_values, paired, production_metrics, production_name)
     value = metric_value(metrics, condition.metric)
     check: dict[str, Any] = {"metric": condition.metric, "value": value, "production_value": None, "passed": True}
+    if value is None and not metrics.get("tuned"):
+        return {**check, "passed": False,
+                "detail": "eval scored nothing (no val split and no eval.test_set): the gate has nothing to compare"}
     if value is None:
         known = ", ".join(sorted(_metric_names(metrics)))
         return {**check, "passed": False, "detail": f"metric `{condition.metric}` is not in the eval metrics (known: {known})"}

@@ -101,7 +101,8 @@ PREP = Stage(
     inputs=prep_inputs,
     # Train reads the shards, eval and export the val items.
     reads=lambda m: {"train": [s["sha256"] for s in m["train_shards"]], "val": [s["sha256"] for s in m["val_shards"]],
-                     "val_items": m["val_items_sha256"], "test_items": m.get("test_items_sha256")},
+                     "val_items": m["val_items_sha256"], "test_items": m.get("test_items_sha256"),
+                     "probe_items": m.get("probe_items_sha256")},
     report="tasks.prep:report",
     description="sources -> contract -> messages -> tokens -> split -> packed Arrow shards",
 )

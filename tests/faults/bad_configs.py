@@ -79,7 +79,6 @@ CASES: list[BadConfig] = [
     BadConfig("sample_packing_maybe", ("`sample_packing`", "valid boolean", "maybe"), set={"sample_packing": "maybe"}),
     BadConfig("trust_remote_code_string", ("`trust_remote_code`", "valid boolean"), set={"trust_remote_code": "yes please"}),
     BadConfig("val_set_size_negative", ("`val_set_size`", "greater than or equal to 0"), set={"val_set_size": -0.1}),
-    BadConfig("val_set_size_zero_with_local_eval", ("`val_set_size` is 0", "0.05"), set={"val_set_size": 0}),
     BadConfig("adapter_unknown", ("`adapter`", "'lora' or 'qlora'"), set={"adapter": "dora"}),
     # model and data locations
     BadConfig("base_model_missing", ("`base_model`", "Field required"), set={"base_model": DELETE}),
