@@ -722,7 +722,7 @@ def stage_seconds(arguments: list[str]) -> dict[str, float]:
     """Stage durations of the run summary a `loraflow run CONFIG` just wrote (stages that ran only)."""
     if not arguments or arguments[0] != "run":
         return {}
-    from tasks.config import load_config
+    from tasks.config_load import load_config
 
     summary_path = Path(load_config(arguments[1]).output_dir) / "run_summary.json"
     if not summary_path.is_file():

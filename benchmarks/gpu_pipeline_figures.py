@@ -52,7 +52,7 @@ def loss_figures(losses: list[float]) -> dict[str, Any]:
 
 def memory_estimate(config_path: Path, processes: int = 1) -> dict[str, float] | None:
     """tasks/memory.py's estimate for the config, the figure `loraflow validate` prints."""
-    from tasks.config import load_config
+    from tasks.config_load import load_config
     from tasks.launch import zero_stage
     from tasks.memory import estimate_peak_memory, read_model_config
 

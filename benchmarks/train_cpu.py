@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from tasks import store
-from tasks.config import load_config
+from tasks.config_load import load_config
 from tasks.stage import run_stage
 from tasks.stages import PREP, TRAIN
 from tasks.tiny_model import build_tiny_model

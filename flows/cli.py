@@ -20,7 +20,8 @@ from rich.text import Text
 
 from flows import ops_cli
 from flows.registry_cli import registry_app
-from tasks.config import ConfigError, RunConfig, load_config
+from tasks.config import ConfigError, RunConfig
+from tasks.config_load import load_config
 from tasks.errors import LoraflowError
 
 # No network here, and telemetry against a SQLite server can cause "database is locked".

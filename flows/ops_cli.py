@@ -150,7 +150,7 @@ def _set_up_deployment_crash_alerts(prefect_file: Path) -> None:
     prefect.yaml); a webhook's `url_env` is read from this command's environment."""
     import yaml
 
-    from tasks.config import load_config
+    from tasks.config_load import load_config
 
     for definition in yaml.safe_load(prefect_file.read_text()).get("deployments", []):
         if config_path := (definition.get("parameters") or {}).get("config_path"):
@@ -164,7 +164,7 @@ async def _apply_config_schedules(prefect_file: Path) -> list[tuple[str, str, st
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.schedules import CronSchedule
 
-    from tasks.config import load_config
+    from tasks.config_load import load_config
 
     applied = []
     definitions = yaml.safe_load(prefect_file.read_text())

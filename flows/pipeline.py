@@ -26,7 +26,8 @@ from prefect import flow, tags
 from prefect.runtime import flow_run
 
 from tasks import atomic, store
-from tasks.config import RunConfig, load_config
+from tasks.config import RunConfig
+from tasks.config_load import load_config
 from tasks.errors import ConfigFamilyError, StageFailedError
 from tasks.fingerprint import FileHasher, hash_bytes
 from tasks.stage import Stage, prefect_task, remember, stage_key, why_ran

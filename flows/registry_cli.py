@@ -17,7 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks import registry
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError
+from tasks.config_load import load_config
 
 registry_app = typer.Typer(no_args_is_help=True, add_completion=False)
 console = Console()

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import atomic, store
-from tasks.config import PromoteCondition, RunConfig
+from tasks.config import RunConfig
+from tasks.config_sections import PromoteCondition
 
 log = logging.getLogger("loraflow.gate")
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from tasks import hub
 from tasks.axolotl_keys import GPU_ONLY_OPTIMIZERS
-from tasks.config import ConfigError, RunConfig, check_config
+from tasks.config import ConfigError, RunConfig
+from tasks.config_load import check_config
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
 from tasks.gpus import visible_gpus

@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from tasks import atomic, gate, significance
-from tasks.config import PromoteCondition, RunConfig
+from tasks.config import RunConfig
+from tasks.config_sections import PromoteCondition
 from tasks.errors import ServiceError, StageFailedError
 
 log = logging.getLogger("loraflow.registry")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, check_config, load_config, stage_settings
+from tasks.config import ConfigError, stage_settings
+from tasks.config_load import check_config, load_config
 from tasks.preflight import validate_config
 
 LORAFLOW = Path(sys.executable).with_name("loraflow")

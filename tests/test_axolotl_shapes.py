@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import check_config, load_config, stage_settings
+from tasks.config import stage_settings
+from tasks.config_load import check_config, load_config
 from tasks.preflight import validate_config
 
 DATA_ROW = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'

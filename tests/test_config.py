@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import STAGE_FIELDS, ConfigError, RunConfig, load_config, stage_settings
+from tasks.config import STAGE_FIELDS, ConfigError, RunConfig, stage_settings
+from tasks.config_load import load_config
 
 LORAFLOW = Path(sys.executable).with_name("loraflow")
 MINIMAL = "base_model: models/tiny\ndatasets:\n  - path: data/rows.jsonl\n"

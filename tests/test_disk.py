@@ -25,7 +25,8 @@ from transformers import TrainerCallback
 
 from tasks import store
 from tasks.checkpoints import COMPLETE_MARKER, is_complete
-from tasks.config import ConfigError, load_config
+from tasks.config import ConfigError
+from tasks.config_load import load_config
 from tasks.disk import SMALL_FILES_BYTES, DiskFullError, describe_bytes, estimate_disk_usage, free_bytes
 from tasks.preflight import preflight, run_checks, validate_config
 from tasks.stage import run_stage

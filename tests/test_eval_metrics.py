@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, EvalConfig, RunConfig, load_config
+from tasks.config import ConfigError, EvalConfig, RunConfig
+from tasks.config_load import load_config
 from tasks.eval import EvalError, comparison_markdown, judge_target
 from tasks.eval_client import ApiKeyError, resolve_api_key
 from tasks.eval_metrics import cost_usd, normalise, percentile, rouge_l, score

@@ -13,7 +13,8 @@ from openai_stub import StubServer
 from pydantic import ValidationError
 
 from tasks import gate, notify, registry
-from tasks.config import EvalConfig, NotifyConfig, PromoteCondition, RunConfig
+from tasks.config import EvalConfig, RunConfig
+from tasks.config_sections import NotifyConfig, PromoteCondition
 from tasks.eval_client import BudgetExceededError, ModelTarget, ask_all, spending_limit
 from tasks.stage import retry_unless_final
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import load_config
+from tasks.config_load import load_config
 
 pytestmark = pytest.mark.e2e
 

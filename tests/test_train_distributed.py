@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from tasks.checkpoints import checkpoint_step, latest_complete_checkpoint
-from tasks.config import RunConfig, load_config
+from tasks.config import RunConfig
+from tasks.config_load import load_config
 from tasks.fingerprint import FileHasher
 from tasks.gpus import GpuInfo
 from tasks.launch import ProcessPlan, deepspeed_problems, launch_command, plan_processes

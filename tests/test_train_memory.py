@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import RunConfig, load_config
+from tasks.config import RunConfig
+from tasks.config_load import load_config
 from tasks.gpus import GpuInfo, visible_gpus
 from tasks.launch import plan_processes, zero_stage
 from tasks.memory import (

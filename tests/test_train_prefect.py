@@ -10,7 +10,7 @@ from pathlib import Path
 import prefect  # noqa: F401
 import yaml
 
-from tasks.config import load_config
+from tasks.config_load import load_config
 from tasks.progress import artifact_key
 from tasks.stage import prefect_task, run_stage, stage_key
 from tasks.stages import PREP, TRAIN

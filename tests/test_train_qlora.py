@@ -22,7 +22,8 @@ import torch
 from tasks.chat_tokens import tokenize_conversation
 from tasks.config import RunConfig
 from tasks.packing import PackedCollator, pack_samples
-from tasks.train import load_model_for_training, token_weighted_loss
+from tasks.train import load_model_for_training
+from tasks.trainer import token_weighted_loss
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"

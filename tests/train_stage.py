@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tasks import store
-from tasks.config import load_config
+from tasks.config_load import load_config
 from tasks.stage import run_stage, stage_key
 from tasks.stages import PREP, TRAIN
 from tasks.train import ADAPTER, CHECKPOINTS, METRICS
@@ -35,7 +35,7 @@ SETTINGS = {
 DRIVER = """
 import json, logging, sys, time
 from transformers import TrainerCallback
-from tasks.config import load_config
+from tasks.config_load import load_config
 from tasks.stage import run_stage
 from tasks.stages import TRAIN
 

@@ -195,7 +195,8 @@ class CaseOutcome:
 
 def check_case(case: BadConfig, directory: Path, base_model: Path, max_seconds: float = 5.0) -> CaseOutcome:
     """Loads and preflights one case in-process (as `loraflow validate` does)."""
-    from tasks.config import ConfigError, load_config
+    from tasks.config import ConfigError
+    from tasks.config_load import load_config
     from tasks.preflight import preflight
 
     path = write_case(case, directory, base_model)

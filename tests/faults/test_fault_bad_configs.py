@@ -20,7 +20,7 @@ def test_there_are_at_least_30_distinct_cases() -> None:
 
 
 def test_the_base_config_itself_passes_preflight(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from tasks.config import load_config
+    from tasks.config_load import load_config
     from tasks.preflight import preflight
 
     path = write_valid_config(tmp_path, tiny_model_dir)

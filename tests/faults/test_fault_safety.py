@@ -31,7 +31,8 @@ def test_run_summary_records_trust_remote_code(reference_run: Path) -> None:
 
 
 def test_yaml_python_tags_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tasks.config import ConfigError, load_config
+    from tasks.config import ConfigError
+    from tasks.config_load import load_config
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(yaml.YAMLError):
