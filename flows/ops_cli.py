@@ -39,8 +39,7 @@ def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
     url = f"http://127.0.0.1:{port}"
     console.print(f"Prefect UI: {url}")
     console.print(f"Point runs at it:  export PREFECT_API_URL={url}/api")
-    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{url}/api"}
-    command = [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    command, environment = server_command(port)
     process = subprocess.Popen(command, env=environment)
     # A SIGTERM to this process (a service manager stopping it) stops the server too.
     signal.signal(signal.SIGTERM, lambda *_: process.terminate())
@@ -54,6 +53,14 @@ def server(port: int = typer.Option(4200, help="Port on 127.0.0.1.")) -> None:
     except KeyboardInterrupt:  # Ctrl-C reached the server too (same process group): let it stop
         returncode = process.wait()
     raise typer.Exit(returncode)
+
+
+def server_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """`prefect server start` on 127.0.0.1 only (never all interfaces), analytics off (no network
+    here; it also avoids SQLite locks), the UI pointed at this API."""
+    url = f"http://127.0.0.1:{port}"
+    environment = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_API_URL": f"{url}/api"}
+    return [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port", str(port)], environment
 
 
 def _wait_until_healthy(health_url: str, process: subprocess.Popen, timeout: float = 300) -> bool:

@@ -248,7 +248,7 @@ def _summary_artifact(cfg: RunConfig, summary: dict[str, Any]) -> None:
     `loraflow runs` reads key metrics back from it."""
     from prefect.artifacts import create_table_artifact
 
-    from tasks.progress import artifact_key
+    from tasks.stage import artifact_key
 
     rows = [
         {"stage": stage, "state": outcome["state"], "reason": outcome["reason"], "duration_s": outcome["duration_s"],

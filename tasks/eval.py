@@ -287,7 +287,7 @@ def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:
     """Prefect artifacts of an eval run: the metrics table and the base-vs-tuned comparison."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from tasks.progress import artifact_key
+    from tasks.stage import artifact_key
 
     if manifest.get("skipped"):
         create_markdown_artifact(markdown=f"# Eval\n\n{manifest['skipped']}.", key=artifact_key(cfg.name, "eval-comparison"))

@@ -402,7 +402,7 @@ def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:
     """Prefect artifacts of a prep run: the row counts and the data contract's results."""
     from prefect.artifacts import create_table_artifact
 
-    from tasks.progress import artifact_key
+    from tasks.stage import artifact_key
 
     create_table_artifact(
         table=[{key: manifest[key] for key in PREP_REPORT_KEYS}],

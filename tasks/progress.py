@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, TextIO
 from transformers import TrainerCallback
 
 from tasks import atomic
+from tasks.stage import artifact_key
 
 log = logging.getLogger("loraflow.train")
 
@@ -34,12 +34,6 @@ PROGRESS_FILE = "progress.json"
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_second", "num_input_tokens_seen", "epoch")
 EVAL_KEYS = ("eval_loss", "eval_perplexity", "eval_tokens")
 _PROGRESS_UPDATES = 50
-
-
-def artifact_key(run_name: str, what: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only; keys stay stable
-    across nightly runs so the UI shows their history."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower()).strip("-")
 
 
 def metric_records(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ def promote_task(cfg: RunConfig, export_manifest: dict[str, Any], eval_manifest:
     compares on the items it scored (the pinned test set, else the val items)."""
     from prefect.artifacts import create_markdown_artifact
 
-    from tasks.progress import artifact_key
+    from tasks.stage import artifact_key
 
     candidate = gate.candidate_items(cfg, eval_manifest)
     decision = registry.register_and_gate(cfg, store.output_dir(cfg, export_manifest), export_manifest, candidate)

@@ -250,13 +250,7 @@ def _check(
     if value is None:
         known = ", ".join(sorted(_metric_names(metrics)))
         return {**check, "passed": False, "detail": f"metric `{condition.metric}` is not in the eval metrics (known: {known})"}
-    details = []
-    if condition.min is not None:
-        check["passed"] &= value >= condition.min
-        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g}")
-    if condition.max is not None:
-        check["passed"] &= value <= condition.max
-        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g}")
+    details = _absolute_bounds(condition, value, check)
     if condition.max_regression is not None:
         previous = metric_value(production_metrics, condition.metric) if production_metrics is not None else None
         check["production_value"] = previous
@@ -286,6 +280,18 @@ def _check(
     return {**check, "detail": ", ".join(details)}
 
 
+def _absolute_bounds(condition: PromoteCondition, value: float, check: dict[str, Any], where: str = "") -> list[str]:
+    """`min` and `max` on the candidate's value: updates `check["passed"]`, returns the details."""
+    details = []
+    if condition.min is not None:
+        check["passed"] &= value >= condition.min
+        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g}{where}")
+    if condition.max is not None:
+        check["passed"] &= value <= condition.max
+        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g}{where}")
+    return details
+
+
 def _paired_check(
     condition: PromoteCondition, candidate: gate.GateItems, values: list[float], paired: tuple[gate.GateItems, str] | None,
     production_metrics: dict[str, Any] | None, production_name: str | None,
@@ -298,13 +304,7 @@ def _paired_check(
     check: dict[str, Any] = {"metric": condition.metric, "value": round(value, 6), "production_value": None, "passed": True,
                              "items": len(values), "items_kind": candidate.kind, "items_sha256": candidate.items_sha256,
                              "settings": candidate.settings}
-    details = []
-    if condition.min is not None:
-        check["passed"] &= value >= condition.min
-        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g} ({candidate.kind})")
-    if condition.max is not None:
-        check["passed"] &= value <= condition.max
-        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g} ({candidate.kind})")
+    details = _absolute_bounds(condition, value, check, f" ({candidate.kind})")
     relative = condition.min_improvement is not None or condition.max_regression is not None
     if relative and paired is None:
         details.append("no production version yet: comparison skipped" if production_metrics is None

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -189,6 +190,13 @@ def retry_unless_final(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect's `retry_condition_fn`: an error that says `retryable = False` (a spent eval budget:
     a retry would spend it again) ends the stage at once; anything else gets the stage's retries."""
     return getattr(getattr(state, "data", None), "retryable", True) is not False
+
+
+def artifact_key(run_name: str, what: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only; keys stay stable
+    across nightly runs so the UI shows their history. (Here, not beside the training callbacks
+    that use it too: a cached run makes artifacts and must not import transformers for that.)"""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{run_name}-{what}".lower()).strip("-")
 
 
 def prefect_task(stage: Stage) -> Any:

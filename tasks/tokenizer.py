@@ -76,6 +76,9 @@ def load_tokenizer(cfg: RunConfig, source: str | Path | None = None) -> Any:
         source = hub.resolve(cfg.tokenizer_config, what="tokenizer_config").path
     source = source or hub.base_model_dir(cfg)
     tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=cfg.trust_remote_code)
+    # transformers saves how the tokenizer was loaded (HF_HUB_OFFLINE shows up as local_files_only)
+    # into tokenizer_config.json: an adapter trained online and offline would differ by that line.
+    tokenizer.init_kwargs.pop("local_files_only", None)
     apply_token_settings(tokenizer, cfg)
     template = chat_template_text(cfg, tokenizer.chat_template)
     if template is not None:

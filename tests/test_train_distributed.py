@@ -33,8 +33,7 @@ from tasks.fingerprint import FileHasher
 from tasks.gpus import GpuInfo
 from tasks.launch import ProcessPlan, deepspeed_problems, launch_command, plan_processes
 from tasks.memory import hardware_problems
-from tasks.progress import artifact_key
-from tasks.stage import prefect_task, stage_key
+from tasks.stage import artifact_key, prefect_task, stage_key
 from tasks.stages import TRAIN
 from tasks.train import training_arguments
 from tests.train_stage import REPO, Stage, Template, assert_same_result, build_template, new_stage

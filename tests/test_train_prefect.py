@@ -11,8 +11,7 @@ import prefect  # noqa: F401
 import yaml
 
 from tasks.config_load import load_config
-from tasks.progress import artifact_key
-from tasks.stage import prefect_task, run_stage, stage_key
+from tasks.stage import artifact_key, prefect_task, run_stage, stage_key
 from tasks.stages import PREP, TRAIN
 
 REPO = Path(__file__).resolve().parents[1]

@@ -71,15 +71,10 @@ def test_no_unsafe_deserialisation_in_the_source() -> None:
 
 
 def test_local_prefect_server_binds_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import typer
 
     from flows import ops_cli
 
-    commands = []
-    monkeypatch.setattr(ops_cli.subprocess, "call", lambda command, env: commands.append((command, env)) or 0)
-    with pytest.raises(typer.Exit):
-        ops_cli.server(port=4321)
-    (command, env), = commands
+    command, env = ops_cli.server_command(4321)
     assert command[command.index("--host") + 1] == "127.0.0.1"
     assert "0.0.0.0" not in command and env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
     assert env["PREFECT_UI_API_URL"].startswith("http://127.0.0.1:4321/")
