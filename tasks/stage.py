@@ -17,7 +17,7 @@ content-addressed actions do.
 during a build fails any stage the same way (`tasks.disk.DiskFullError`), publishing nothing.
 
 Each manifest carries `fingerprint` (its key), `key_parts` (hashes of what went into the key)
-and `output_digest`. `<state_dir>/<stage>/latest.json` remembers the last key parts, so a run can
+and `output_digest`. `<state_dir>/.latest/<stage>.json` remembers the last key parts, so a run can
 say why a stage ran ("contracts changed") or came back cached ("upstream output unchanged").
 """
 
@@ -39,7 +39,8 @@ from tasks.fingerprint import FileHasher, code_version, hash_json
 
 log = logging.getLogger("loraflow.stage")
 
-LATEST = "latest.json"
+# <state_dir>/.latest/<stage>.json: outside the stage directories, which hold outputs only.
+LATEST_DIR = ".latest"
 Manifests = dict[str, dict[str, Any]]
 
 
@@ -160,7 +161,7 @@ def run_stage(
 def remember(cfg: RunConfig, manifest: dict[str, Any]) -> None:
     """Records a stage's key parts as the latest, for the next run's `why_ran`."""
     latest = {"key": manifest["fingerprint"], "key_parts": manifest["key_parts"]}
-    atomic.write_json(Path(cfg.state_dir) / manifest["stage"] / LATEST, latest)
+    atomic.write_json(Path(cfg.state_dir) / LATEST_DIR / f"{manifest['stage']}.json", latest)
 
 
 def why_ran(cfg: RunConfig, manifest: dict[str, Any], refreshed: bool = False) -> str:
@@ -170,7 +171,7 @@ def why_ran(cfg: RunConfig, manifest: dict[str, Any], refreshed: bool = False) -
     try:
         import json
 
-        previous = json.loads((Path(cfg.state_dir) / manifest["stage"] / LATEST).read_text())
+        previous = json.loads((Path(cfg.state_dir) / LATEST_DIR / f"{manifest['stage']}.json").read_text())
     except (FileNotFoundError, ValueError):
         return "first run"
     if previous["key"] == manifest["fingerprint"]:

@@ -264,10 +264,11 @@ def test_axolotl_fsdp_settings_reach_the_trainer_as_fsdp2(tmp_path):
     assert plugin["auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP" and plugin["state_dict_type"] == "FULL_STATE_DICT"
     assert arguments.ddp_find_unused_parameters is False
 
+    # Axolotl's FSDP1 configs run as FSDP2 (the same sharding; transformers deprecates FSDP1), with a note.
     raw["fsdp_config"] = {"fsdp_version": 1}
     (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(raw))
-    with pytest.raises(ValueError, match="fsdp_config.version"):
-        load_config(tmp_path / "fsdp.yaml")
+    fsdp1 = load_config(tmp_path / "fsdp.yaml")
+    assert fsdp1.fsdp_config.version == 2 and any("FSDP2" in note for note in fsdp1.notes)
 
 
 def test_train_fingerprint_covers_processes_and_the_deepspeed_json_content_not_its_path(ddp_template, tmp_path):
