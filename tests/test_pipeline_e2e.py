@@ -27,15 +27,18 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART_DATA = REPO / "examples" / "quickstart" / "finance_sentiment.jsonl"
 
 
-def write_config(directory: Path, base_model: Path, data: Path, name: str = "run", **overrides) -> Path:
-    """The quickstart config, redirected to a scratch state/output dir, with overrides."""
-    raw = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+def write_config(
+    directory: Path, base_model: Path, data: Path | None = None, name: str = "run", template: str = "quickstart.yaml", **overrides
+) -> Path:
+    """A shipped config (the quickstart's by default), redirected to a scratch state/output dir, with
+    `data` (else the shipped data) and overrides."""
+    raw = yaml.safe_load((REPO / "configs" / template).read_text(encoding="utf-8"))
     raw.update(
         base_model=str(base_model),
         state_dir=str(directory / "state"),
         output_dir=str(directory / "outputs"),
     )
-    raw["datasets"][0]["path"] = str(data)
+    raw["datasets"][0]["path"] = str(data) if data is not None else str(REPO / raw["datasets"][0]["path"])
     raw["contract"] = {"dir": str(REPO / "data_contracts")}
     for key, value in overrides.items():
         if isinstance(value, dict):
@@ -43,7 +46,7 @@ def write_config(directory: Path, base_model: Path, data: Path, name: str = "run
         else:
             raw[key] = value
     path = directory / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     return path
 
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.test_pipeline_e2e import write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -30,27 +31,12 @@ def zh_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-zh") / "model", seed=0, corpus_files=[SENTIMENT, ANALYSIS])
 
 
-def write_config(config: str, directory: Path, base_model: Path, **overrides) -> Path:
-    """A shipped config, redirected to a scratch state/output dir, with overrides."""
-    raw = yaml.safe_load((REPO / "configs" / config).read_text(encoding="utf-8"))
-    raw.update(base_model=str(base_model), state_dir=str(directory / "state"), output_dir=str(directory / "outputs"))
-    raw["datasets"][0]["path"] = str(REPO / raw["datasets"][0]["path"])
-    raw["contract"] = {"dir": str(REPO / "data_contracts")}
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            raw.setdefault(key, {}).update(value)
-        else:
-            raw[key] = value
-    path = directory / config
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
-    return path
-
 
 def test_chinese_sentiment_quickstart_learns(prefect_harness, zh_model_dir, tmp_path):
     from flows.pipeline import pipeline
 
     started = time.monotonic()
-    summary = pipeline(str(write_config("quickstart-zh.yaml", tmp_path, zh_model_dir)))
+    summary = pipeline(str(write_config(tmp_path, zh_model_dir, name="quickstart-zh", template="quickstart-zh.yaml")))
     wall_s = time.monotonic() - started
     tuned, base = summary["eval"]["tuned"], summary["eval"]["base"]
     print(f"\nquickstart-zh: tuned accuracy {tuned['accuracy']}, base accuracy {base['accuracy']}, pipeline {wall_s:.1f} s")
@@ -70,7 +56,10 @@ def test_chinese_sentiment_quickstart_learns(prefect_harness, zh_model_dir, tmp_
 def test_chinese_analysis_task_scores_rouge_l_over_characters(prefect_harness, zh_model_dir, tmp_path):
     from flows.pipeline import pipeline
 
-    config = write_config("quickstart-zh-analysis.yaml", tmp_path, zh_model_dir, eval={"max_samples": 20}, export={"promote_if": []})
+    config = write_config(
+        tmp_path, zh_model_dir, name="quickstart-zh-analysis", template="quickstart-zh-analysis.yaml",
+        eval={"max_samples": 20}, export={"promote_if": []},
+    )
     summary = pipeline(str(config))
     tuned, base = summary["eval"]["tuned"], summary["eval"]["base"]
     print(f"\nquickstart-zh-analysis: tuned rouge_l {tuned['rouge_l']}, base rouge_l {base['rouge_l']}")
