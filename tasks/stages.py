@@ -93,6 +93,13 @@ def model_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
     return {"base_model": hub.base_model(cfg).identity(hasher), "libraries": library_versions(MODEL_LIBRARIES)}
 
 
+def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Eval metrics less the wall-clock ones (latency): an eval re-run that gets the same answers
+    must not re-export."""
+    return {role: {name: value for name, value in values.items() if not name.startswith("latency_")}
+            for role, values in metrics.items()}
+
+
 PREP = Stage(
     name="prep",
     upstream=(),
@@ -133,8 +140,9 @@ EVAL = Stage(
         for name in ("concurrency", "request_timeout", "max_retries", "startup_timeout", "api_key_env", "api_key_secret", "budget_usd")
     ),
     # The metrics, and the settings they were scored with (the model card records both).
-    reads=lambda m: {"metrics": m["metrics"], "eval_loss": m.get("eval_loss"), "eval_perplexity": m.get("eval_perplexity"),
-                     "settings": m["key_parts"]["settings"], "test_set": m.get("test_set"), "items": m.get("items_sha256")},
+    reads=lambda m: {"metrics": without_timings(m["metrics"]), "eval_loss": m.get("eval_loss"),
+                     "eval_perplexity": m.get("eval_perplexity"), "settings": m["key_parts"]["settings"],
+                     "test_set": without_timings((m.get("test_set") or {}).get("metrics", {})), "items": m.get("items_sha256")},
     report="tasks.eval:report",
     uses_gpu=True,
     description="the tuned (and base) model behind an OpenAI-compatible endpoint, scored",
