@@ -1,25 +1,29 @@
-"""Prep benchmark: rows/s of the whole prep stage against a plain `datasets` map, and its peak memory.
+"""Prep benchmark: loraflow's prep against `datasets.map(apply_chat_template)`, and what a re-run
+after appending 1% more rows costs.
 
-Run from the repository root: `.venv/bin/python -m benchmarks.prep` (200k rows, about 8 minutes on
-2 cores; `--rows 20000` for a quick check). Generates seeded chat rows with lognormal lengths into
-a temporary JSONL, builds the tiny tokenizer, then runs, each in its own child process:
+Run from the repository root: `.venv/bin/python -m benchmarks.prep` (50k rows for throughput, a
+200k-row source for the append; about 6 minutes on an idle 2-core machine; `--rows 5000
+--append-rows 20000` for a quick check). Seeded chat rows with long-tailed lengths (median about
+300 tokens, p99 about 2,000; `sequence_len` 2048) go into JSONL files; the tiny tokenizer is built;
+then each job runs in its own child process (so peak RSS is that job's):
 
-- the baseline: `datasets.load_dataset("json")` + a batched `map` applying the chat template and
-  tokenizing (num_proc=1), with the same tokenizer;
-- the prep stage (`run_stage(PREP, ...)`) on the same rows: conversion, masked labels, a data contract of five
-  expectations on derived columns, split, packing into 2048-token rows, shards and manifest;
-- the prep stage again on a quarter of the rows, so that the two peak RSS figures show whether memory
-  grows with the data.
+- baselines: `load_dataset("json")` + a batched `map` applying the chat template and tokenizing,
+  with `num_proc=1` and with `num_proc=2`;
+- loraflow prep (`run_stage(PREP, ...)`: conversion, masked labels, split, packing, shards and
+  manifest) with no contract and with a quickstart-style contract of five expectations, each on
+  an empty chunk cache, with its default `dataset_processes` (every core);
+- append: prep of the 200k-row source, then of the same file with 1% more rows appended (same
+  state_dir: unchanged chunks are reused), then of the grown file on an empty cache; the second's
+  shards must equal the third's.
 
-Peak RSS is `ru_maxrss` at the end of a child that ran only that job. `--profile` also writes a
-cProfile of prep and prints its top functions. The last line printed is one JSON object with every
-figure.
+The last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import io
 import json
 import os
@@ -64,7 +68,7 @@ def peak_rss_mb() -> float:
 
 
 def word_counts(rng: np.random.Generator, count: int, median: float, low: int, high: int) -> np.ndarray:
-    return np.clip(np.round(rng.lognormal(np.log(median), 0.8, count)), low, high).astype(np.int64)
+    return np.clip(np.round(rng.lognormal(np.log(median), 0.9, count)), low, high).astype(np.int64)
 
 
 def vocabulary(model_dir: Path) -> np.ndarray:
@@ -83,13 +87,13 @@ def vocabulary(model_dir: Path) -> np.ndarray:
     return np.array([word for word in sorted(words) if len(tokenizer(" " + word, add_special_tokens=False)["input_ids"]) <= 2])
 
 
-def write_rows(path: Path, rows: int, words: np.ndarray, seed: int = SEED) -> dict[str, Any]:
-    """System + user (20-400 words, median 120) + assistant (5-200 words, median 45)."""
+def write_rows(path: Path, rows: int, words: np.ndarray, seed: int = SEED, mode: str = "w") -> dict[str, Any]:
+    """System + user (median 115 words, long tail to 1,600) + assistant (median 45 words, to 700)."""
     rng = np.random.default_rng(seed)
-    user_words = word_counts(rng, rows, median=120, low=20, high=400)
-    answer_words = word_counts(rng, rows, median=45, low=5, high=200)
+    user_words = word_counts(rng, rows, median=115, low=5, high=1600)
+    answer_words = word_counts(rng, rows, median=45, low=3, high=700)
     systems = rng.integers(0, len(SYSTEM_PROMPTS), rows)
-    with path.open("w", encoding="utf-8") as handle:
+    with path.open(mode, encoding="utf-8") as handle:
         for index in range(rows):
             drawn = words[rng.integers(0, len(words), user_words[index] + answer_words[index])]
             messages = [
@@ -104,7 +108,7 @@ def write_rows(path: Path, rows: int, words: np.ndarray, seed: int = SEED) -> di
 # ---------------------------------------------------------------- child jobs
 
 
-def run_baseline(data: Path, model_dir: Path, work_dir: Path) -> dict[str, Any]:
+def run_baseline(data: Path, model_dir: Path, work_dir: Path, processes: int) -> dict[str, Any]:
     from datasets import disable_progress_bars, load_dataset
     from transformers import AutoTokenizer
 
@@ -117,14 +121,15 @@ def run_baseline(data: Path, model_dir: Path, work_dir: Path) -> dict[str, Any]:
 
     started = time.perf_counter()
     dataset = load_dataset("json", data_files=str(data), split="train", cache_dir=str(work_dir / "hf-cache"))
-    tokenized = dataset.map(tokenize, batched=True, num_proc=1, remove_columns=dataset.column_names)
+    tokenized = dataset.map(tokenize, batched=True, num_proc=processes, remove_columns=dataset.column_names)
     seconds = time.perf_counter() - started
-    return {"rows": len(tokenized), "seconds": seconds, "tokens": sum(len(ids) for ids in tokenized["input_ids"])}
+    return {"rows": len(tokenized), "seconds": seconds}
 
 
-def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path | None) -> dict[str, Any]:
+def run_prep_job(data: Path, model_dir: Path, work_dir: Path, contract: bool, profile_path: Path | None) -> dict[str, Any]:
     import yaml
 
+    from tasks import store
     from tasks.config import RunConfig
     from tasks.stage import run_stage, stage_key
     from tasks.stages import PREP
@@ -134,18 +139,14 @@ def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path
     (contract_dir / f"{CONTRACT['name']}.yaml").write_text(yaml.safe_dump(CONTRACT))
     cfg = RunConfig.model_validate({
         "base_model": str(model_dir),
-        "datasets": [{"path": str(data), "type": "chat_template", "contract": CONTRACT["name"]}],
-        "contract": {"dir": str(contract_dir)},
+        "datasets": [{"path": str(data), "type": "chat_template", **({"contract": CONTRACT["name"]} if contract else {})}],
+        "contract": {"dir": str(contract_dir), "max_rejected_fraction": 0.2},
         "state_dir": str(work_dir / "state"),
         "sequence_len": SEQUENCE_LEN,
         "sample_packing": True,
         "val_set_size": 0.02,
     })
-    stage_key(PREP, cfg, {})  # file hashes outside the timing, as before
-    # Imported outside the timing, as the baseline's imports are: the prep build imports these lazily.
-    from great_expectations.checkpoint import UpdateDataDocsAction  # noqa: F401
-    from transformers import AutoTokenizer  # noqa: F401
-
+    stage_key(PREP, cfg, {})  # file hashes outside the timing, as the baseline's file is not hashed either
     rss_before = peak_rss_mb()
     profiler = cProfile.Profile() if profile_path else None
     started = time.perf_counter()
@@ -156,23 +157,28 @@ def run_prep_job(data: Path, model_dir: Path, work_dir: Path, profile_path: Path
         profiler.disable()
         profiler.dump_stats(profile_path)
     seconds = time.perf_counter() - started
+    prep_dir = store.output_dir(cfg, manifest)
     return {
         "rows": manifest["rows_in"],
         "seconds": seconds,
         "rows_accepted": manifest["rows_accepted"],
         "tokens": manifest["tokens"],
         "packing_efficiency": manifest["packing_efficiency"],
-        "contract_passed": manifest["sources"][0]["contract"]["passed"],
+        "chunks": manifest["chunks"],
+        "contract_passed": manifest["sources"][0]["contract"]["passed"] if contract else None,
+        "shards": [shard["sha256"] for shard in manifest["train_shards"] + manifest["val_shards"]],
+        "quarantine_sha256": hashlib.sha256((prep_dir / "quarantine.jsonl").read_bytes()).hexdigest(),
         "peak_rss_before_prep_mb": round(rss_before, 1),
     }
 
 
 def child_main(args: argparse.Namespace) -> None:
     work_dir = Path(args.work_dir)
-    if args.child == "baseline":
-        result = run_baseline(Path(args.data), Path(args.model), work_dir)
+    if args.child.startswith("baseline"):
+        result = run_baseline(Path(args.data), Path(args.model), work_dir, processes=int(args.child.removeprefix("baseline")))
     else:
-        result = run_prep_job(Path(args.data), Path(args.model), work_dir, Path(args.profile_path) if args.profile_path else None)
+        result = run_prep_job(Path(args.data), Path(args.model), work_dir, args.child == "prep-contract",
+                              Path(args.profile_path) if args.profile_path else None)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     print(json.dumps(result))
 
@@ -187,7 +193,23 @@ def in_child(job: str, data: Path, model_dir: Path, work_dir: Path, profile: Pat
     done = subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{job} child failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{job} on {data.name}: {result['rows']:,} rows in {result['seconds']:.1f} s, peak RSS {result['peak_rss_mb']:.0f} MB",
+          flush=True)
+    return result
+
+
+def token_lengths(data: Path, model_dir: Path, sample: int = 5000) -> dict[str, int]:
+    """Median and p99 tokens per row of the rendered chat, over the first rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lengths = []
+    with data.open(encoding="utf-8") as handle:
+        for line, _ in zip(handle, range(sample)):
+            text = tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
+            lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return {"tokens_median": int(np.median(lengths)), "tokens_p99": int(np.percentile(lengths, 99))}
 
 
 def top_functions(profile: Path, count: int = 25) -> str:
@@ -200,9 +222,10 @@ def top_functions(profile: Path, count: int = 25) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=200_000, help="rows of the full-size run (RSS is also measured at a quarter)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the full-size prep and print the top functions")
-    parser.add_argument("--child", choices=("baseline", "prep"), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, default=50_000, help="rows of the throughput comparison")
+    parser.add_argument("--append-rows", type=int, default=200_000, help="rows of the source that grows by 1%%")
+    parser.add_argument("--profile", action="store_true", help="cProfile the contract-off prep and print the top functions")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--work-dir", help=argparse.SUPPRESS)
@@ -214,48 +237,63 @@ def main() -> None:
 
     from tasks.tiny_model import build_tiny_model
 
-    small_rows = max(args.rows // 4, 1)
     with tempfile.TemporaryDirectory(prefix="loraflow-prep-bench-") as temporary:
         root = Path(temporary)
         started = time.perf_counter()
         model_dir = build_tiny_model(root / "model", seed=0, corpus_files=[QUICKSTART_DATA])
-        data, small_data = root / "rows.jsonl", root / "rows-small.jsonl"
         words = vocabulary(model_dir)
+        data, grown = root / "rows.jsonl", root / "grown.jsonl"
         shape = write_rows(data, args.rows, words)
-        write_rows(small_data, small_rows, words)
-        print(f"setup (tiny model, {args.rows:,} + {small_rows:,} rows): {time.perf_counter() - started:.1f} s", flush=True)
+        write_rows(grown, args.append_rows, words, seed=SEED + 1)
+        shape.update(token_lengths(data, model_dir))
+        print(f"setup: {time.perf_counter() - started:.1f} s; {shape}", flush=True)
 
-        baseline = in_child("baseline", data, model_dir, root / "baseline")
-        print(f"baseline load_dataset + map: {baseline['rows']:,} rows in {baseline['seconds']:.1f} s", flush=True)
+        # Throughput, on the same rows.
+        baseline = in_child("baseline1", data, model_dir, root / "baseline1")
+        baseline2 = in_child("baseline2", data, model_dir, root / "baseline2")
         profile = root / "prep.prof" if args.profile else None
         prep = in_child("prep", data, model_dir, root / "prep", profile)
-        print(f"prep: {prep['rows']:,} rows in {prep['seconds']:.1f} s, peak RSS {prep['peak_rss_mb']:.0f} MB", flush=True)
-        small = in_child("prep", small_data, model_dir, root / "prep-small")
-        print(f"prep: {small['rows']:,} rows in {small['seconds']:.1f} s, peak RSS {small['peak_rss_mb']:.0f} MB", flush=True)
+        prep_contract = in_child("prep-contract", data, model_dir, root / "prep-contract")
         if profile:
             print(top_functions(profile))
 
-    prep_rate = prep["rows"] / prep["seconds"]
-    baseline_rate = baseline["rows"] / baseline["seconds"]
+        # Cost of a nightly append: the same state_dir before and after 1% more rows.
+        first = in_child("prep-contract", grown, model_dir, root / "append")
+        write_rows(grown, args.append_rows // 100, words, seed=SEED + 2, mode="a")
+        appended = in_child("prep-contract", grown, model_dir, root / "append")
+        scratch = in_child("prep-contract", grown, model_dir, root / "scratch")
+
+    def rate(result: dict[str, Any]) -> float:
+        return result["rows"] / result["seconds"]
+
     figures = {
         "benchmark": "prep",
         "rows": args.rows,
         **shape,
         "sequence_len": SEQUENCE_LEN,
-        "tokens": prep["tokens"],
-        "prep_rows_per_s": round(prep_rate, 1),
-        "baseline_rows_per_s": round(baseline_rate, 1),
-        "ratio_prep_over_baseline": round(prep_rate / baseline_rate, 3),
-        "target_ratio": 1.0,
-        "prep_seconds": round(prep["seconds"], 1),
-        "baseline_seconds": round(baseline["seconds"], 1),
+        "prep_rows_per_s": round(rate(prep), 1),
+        "prep_contract_rows_per_s": round(rate(prep_contract), 1),
+        "baseline_map_rows_per_s": round(rate(baseline), 1),
+        "baseline_map_num_proc2_rows_per_s": round(rate(baseline2), 1),
+        "ratio_prep_over_map": round(rate(prep) / rate(baseline), 3),
+        "ratio_prep_over_map_num_proc2": round(rate(prep) / rate(baseline2), 3),
+        "ratio_prep_contract_over_map": round(rate(prep_contract) / rate(baseline), 3),
+        "targets": {"ratio_prep_over_map": 1.5, "ratio_prep_over_map_num_proc2": 1.0, "ratio_prep_contract_over_map": 1.0,
+                    "append_over_full": 0.10},
+        "append_source_rows": first["rows"],
+        "append_rows_added": appended["rows"] - first["rows"],
+        "full_prep_s": round(first["seconds"], 2),
+        "append_prep_s": round(appended["seconds"], 2),
+        "append_over_full": round(appended["seconds"] / first["seconds"], 3),
+        "append_chunks": appended["chunks"],
+        "append_shards_equal_scratch": appended["shards"] == scratch["shards"]
+        and appended["quarantine_sha256"] == scratch["quarantine_sha256"],
         "packing_efficiency": prep["packing_efficiency"],
-        "contract_passed": prep["contract_passed"],
-        "peak_rss_mb": {str(small["rows"]): small["peak_rss_mb"], str(prep["rows"]): prep["peak_rss_mb"]},
-        "peak_rss_before_prep_mb": {
-            str(small["rows"]): small["peak_rss_before_prep_mb"], str(prep["rows"]): prep["peak_rss_before_prep_mb"],
-        },
-        "baseline_peak_rss_mb": baseline["peak_rss_mb"],
+        "rows_accepted": prep["rows_accepted"],
+        "contract_passed": prep_contract["contract_passed"],
+        "peak_rss_mb": {"prep": prep["peak_rss_mb"], "prep_contract": prep_contract["peak_rss_mb"],
+                        f"prep_{first['rows']}_rows": first["peak_rss_mb"], "baseline_map": baseline["peak_rss_mb"],
+                        "baseline_map_num_proc2": baseline2["peak_rss_mb"]},
         "load_average_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
     }

@@ -135,7 +135,6 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
     "pretrain_multipack_attn": notice("packed samples never attend to each other here"),
     "pretraining_sample_concatenation": notice("only for `pretraining_dataset`"),
     "skip_prepare_dataset": notice("prep is cached on content; an unchanged dataset is not prepared again"),
-    "dataset_processes": notice("prep tokenizes in batches in one process (faster on few cores)"),
     "dataset_keep_in_memory": notice("prep streams rows into Arrow shards"),
     "push_dataset_to_hub": notice("prep outputs stay in state_dir"),
     "hf_use_auth_token": notice("the hub token comes from HF_TOKEN"),

@@ -110,6 +110,9 @@ class RunConfig(StrictModel):
     dataset_max_rows: int | None = Field(
         None, ge=1, description="Read only the first N rows of each source (`loraflow run --smoke` sets it: a quick first try)."
     )
+    dataset_processes: int | None = Field(
+        None, ge=1, description="Processes that tokenize prep's new chunks of rows (default: every core); changes no output."
+    )
     # adapter
     adapter: Literal["lora", "qlora"] = "lora"
     load_in_4bit: bool = False
@@ -350,7 +353,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # what they resolve to (tasks/stages.py), never the string.
     "none": ("name", "base_model", "revision_of_model", "base_model_config", "tokenizer_config", "lora_model_dir",
              "output_dir", "state_dir", "schedule", "timeouts", "ddp_timeout",
-             "retries", "report_to", "tracking_env", "notify"),
+             "retries", "report_to", "tracking_env", "notify", "dataset_processes"),
 }
 
 

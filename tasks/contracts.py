@@ -70,11 +70,17 @@ def validate_frames(contract: Contract, frames: Iterable[Any], docs_dir: Path | 
     Chunks keep memory flat on large sources; row-level expectations (the usual kind) mean the
     same per chunk as over the whole source. With `docs_dir`, GX Data Docs HTML is written there.
     """
+    return validate_frame_groups(contract, [frames], docs_dir)[0]
+
+
+def validate_frame_groups(contract: Contract, groups: list[Iterable[Any]], docs_dir: Path | None = None) -> list[dict[str, Any]]:
+    """One summary per group of frames, from one GX context (creating one costs about a second):
+    prep validates the rows it has not validated before in groups it can reuse separately."""
     import great_expectations as gx
-    from great_expectations.checkpoint import UpdateDataDocsAction
     from great_expectations.core import ExpectationSuite
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
+    summaries = []
     with tempfile.TemporaryDirectory(prefix="loraflow-gx-") as project_dir:
         context = gx.get_context(mode="file", project_root_dir=project_dir)
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -90,20 +96,27 @@ def validate_frames(contract: Contract, frames: Iterable[Any], docs_dir: Path | 
         checkpoint = context.checkpoints.add(gx.Checkpoint(
             name=contract.name,
             validation_definitions=[definition],
-            actions=[UpdateDataDocsAction(name="data_docs")] if docs_dir else [],
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": EXAMPLES_SHOWN},
         ))
-        checks: dict[str, dict[str, Any]] = {}
-        rows = 0
-        for frame in frames:
-            rows += len(frame)
-            run = checkpoint.run(batch_parameters={"dataframe": frame})
-            for result in run.run_results.values():
-                for item in result.results:
-                    _merge_check(checks, item)
+        for frames in groups:
+            checks: dict[str, dict[str, Any]] = {}
+            rows = 0
+            for frame in frames:
+                rows += len(frame)
+                run = checkpoint.run(batch_parameters={"dataframe": frame})
+                for result in run.run_results.values():
+                    for item in result.results:
+                        _merge_check(checks, item)
+            summaries.append(_summary(contract, checks, rows))
         if docs_dir is not None:
+            # Once for every run above (a site build costs about a second).
+            context.build_data_docs()
             site = Path(project_dir) / "gx" / "uncommitted" / "data_docs" / "local_site"
             shutil.copytree(site, docs_dir)
+    return summaries
+
+
+def _summary(contract: Contract, checks: dict[str, dict[str, Any]], rows: int) -> dict[str, Any]:
     # In the contract's order, which is the order its author reads it in.
     order = [_check_id(item.type, item.kwargs) for item in contract.expectations]
     ordered = [checks[key] for key in order if key in checks]
@@ -112,6 +125,49 @@ def validate_frames(contract: Contract, frames: Iterable[Any], docs_dir: Path | 
         "rows": rows,
         "passed": all(check["success"] or check["severity"] == "warn" for check in ordered),
         "checks": json.loads(json.dumps(ordered, default=str)),
+    }
+
+
+def needs_whole_column(expectation_type: str) -> bool:
+    """Whether an expectation judges a column as a whole (uniqueness, mean, distinct values, row
+    count, z-scores) rather than row by row: its result over parts cannot be combined into its
+    result over the whole, so prep validates such a contract in one pass over every row."""
+    row_by_row = expectation_type.startswith(ROW_LEVEL_PREFIXES) or expectation_type in ROW_LEVEL_TYPES
+    return not row_by_row or ("unique" in expectation_type and expectation_type not in ROW_LEVEL_TYPES) or "z_score" in expectation_type
+
+
+ROW_LEVEL_PREFIXES = ("expect_column_values_to_", "expect_column_value_lengths_to_", "expect_column_pair_values_",
+                      "expect_multicolumn_values_")
+ROW_LEVEL_TYPES = ("expect_select_column_values_to_be_unique_within_record",)
+
+
+def merge_summaries(contract: Contract, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary over all rows, from summaries of row-level expectations over parts of them:
+    counts add up; success is every part's, or, for an expectation with `mostly`, recomputed from
+    the counts (unexpected among the non-missing values)."""
+    merged: list[dict[str, Any]] = []
+    for position, expectation in enumerate(contract.expectations):
+        parts = [summary["checks"][position] for summary in summaries
+                 if len(summary["checks"]) > position and summary["checks"][position]["expectation"] == expectation.type]
+        if not parts:
+            continue
+        check = {**parts[0], "unexpected_count": sum(part["unexpected_count"] for part in parts),
+                 "element_count": sum(part.get("element_count", 0) for part in parts),
+                 "missing_count": sum(part.get("missing_count", 0) for part in parts),
+                 "unexpected_examples": [example for part in parts for example in part["unexpected_examples"]][:EXAMPLES_SHOWN],
+                 "exception": next((part["exception"] for part in parts if part["exception"]), None)}
+        mostly = expectation.kwargs.get("mostly")
+        if mostly is None or check["exception"]:
+            check["success"] = all(part["success"] for part in parts)
+        else:
+            present = check["element_count"] - check["missing_count"]
+            check["success"] = present == 0 or (present - check["unexpected_count"]) / present >= mostly
+        merged.append(check)
+    return {
+        "contract": contract.name,
+        "rows": sum(summary["rows"] for summary in summaries),
+        "passed": all(check["success"] or check["severity"] == "warn" for check in merged),
+        "checks": merged,
     }
 
 
@@ -149,11 +205,15 @@ def _merge_check(checks: dict[str, dict[str, Any]], item: Any) -> None:
         "severity": config.meta.get("severity", "error"),
         "success": True,
         "unexpected_count": 0,
+        "element_count": 0,
+        "missing_count": 0,
         "unexpected_examples": [],
         "exception": None,
     })
     check["success"] = check["success"] and bool(item.success)
     check["unexpected_count"] += details.get("unexpected_count") or 0
+    check["element_count"] += details.get("element_count") or 0
+    check["missing_count"] += details.get("missing_count") or 0
     room = EXAMPLES_SHOWN - len(check["unexpected_examples"])
     check["unexpected_examples"] += (details.get("partial_unexpected_list") or [])[:room]
     check["exception"] = check["exception"] or _exception_message(item.exception_info)

@@ -15,7 +15,7 @@ import gzip
 import io
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,22 +61,23 @@ class Conversation:
 def read_conversations(dataset: DatasetConfig) -> Iterator[Conversation | Rejected]:
     """One Conversation or Rejected per row of the source, in source order."""
     seen_any = False
-    columns_seen: set[str] = set()
     for line, row, raw in read_rows(dataset):
         seen_any = True
-        if isinstance(row, RowError):
-            yield Rejected(dataset.path, line, str(row), raw)
-            continue
-        columns_seen.update(row)
-        try:
-            kind, messages = to_messages(dataset, row)
-        except RowError as error:
-            yield Rejected(dataset.path, line, str(error), raw)
-            continue
-        scalars = {key: value for key, value in row.items() if isinstance(value, (str, int, float, bool)) or value is None}
-        yield Conversation(dataset.path, line, messages, kind, scalars)
+        yield conversation_of(dataset, line, row, raw)
     if not seen_any:
         raise DatasetError(f"{dataset.path}: the dataset is empty; add rows or remove it from `datasets`")
+
+
+def conversation_of(dataset: DatasetConfig, line: int, row: dict[str, Any] | RowError, raw: str) -> Conversation | Rejected:
+    """One row of a source as messages, or rejected with the reason."""
+    if isinstance(row, RowError):
+        return Rejected(dataset.path, line, str(row), raw)
+    try:
+        kind, messages = to_messages(dataset, row)
+    except RowError as error:
+        return Rejected(dataset.path, line, str(error), raw)
+    scalars = {key: value for key, value in row.items() if isinstance(value, (str, int, float, bool)) or value is None}
+    return Conversation(dataset.path, line, messages, kind, scalars)
 
 
 def check_source(dataset: DatasetConfig, rows_to_look_at: int = 20) -> None:
@@ -283,11 +284,26 @@ def _json_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError, str
         if first.removeprefix(_BOM).lstrip().startswith(b"["):
             yield from _json_array_rows(path, handle.read())
             return
-        for line_number, raw_line in enumerate(handle, start=1):
-            if line_number == 1:
-                raw_line = raw_line.removeprefix(_BOM)
-            if raw_line.strip():
-                yield line_number, *_parse_json_line(raw_line)
+        yield from json_lines(handle, first_line=1)
+
+
+def json_lines(lines: Iterable[bytes], first_line: int) -> Iterator[tuple[int, dict[str, Any] | RowError, str]]:
+    """The rows of JSON lines, numbered from `first_line`; blank lines are skipped but counted."""
+    for line_number, raw_line in enumerate(lines, start=first_line):
+        if line_number == 1:
+            raw_line = raw_line.removeprefix(_BOM)
+        if raw_line.strip():
+            yield line_number, *_parse_json_line(raw_line)
+
+
+def is_plain_jsonl(dataset: DatasetConfig) -> bool:
+    """A local, uncompressed JSON-lines file: prep's chunks of it are byte ranges that worker
+    processes read themselves."""
+    path = Path(dataset.path)
+    if not path.is_file() or source_format(dataset) != "json" or path.suffix in (".gz", ".zst", ".zstd"):
+        return False
+    with path.open("rb") as handle:
+        return not handle.read(64).removeprefix(_BOM).lstrip().startswith(b"[")
 
 
 def _parse_json_line(raw_line: bytes) -> tuple[dict[str, Any] | RowError, str]:

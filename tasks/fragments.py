@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tasks.chat_tokens import IGNORE_INDEX, TokenizedConversation, render_conversation
+from tasks.chat_tokens import IGNORE_INDEX, ChatEncoder, TokenizedConversation, render_conversation
 from tasks.config import RunConfig
 from tasks.errors import DataFamilyError
 
@@ -182,9 +182,10 @@ def token_offsets(
     """The text a row was tokenized from, its token ids and each token's first character, encoded
     the way `tasks.chat_tokens` encodes it (a chat's rendered template; text segments one by one,
     then the end-of-sequence token)."""
-    backend = tokenizer.backend_tokenizer
+    encoder = ChatEncoder.of(tokenizer)
+    backend = encoder.backend
     if kind == "chat":
-        text = render_conversation(tokenizer, messages, roles_to_train).text
+        text = render_conversation(encoder, messages, roles_to_train).text
         encoding = backend.encode(text, add_special_tokens=False)
         return text, list(encoding.ids), [start for start, _ in encoding.offsets]
     text, ids, starts = "", [], []
@@ -193,7 +194,7 @@ def token_offsets(
         ids.extend(encoding.ids)
         starts.extend(len(text) + start for start, _ in encoding.offsets)
         text += segment["text"]
-    return text, ids + [tokenizer.eos_token_id], starts + [len(text)]
+    return text, ids + [encoder.eos_token_id], starts + [len(text)]
 
 
 def split_row(tokenizer: Any, kind: str, messages: list[dict[str, Any]], roles_to_train: Sequence[str],

@@ -1,38 +1,58 @@
 """prep: sources -> messages -> tokens with masked labels -> contract validation -> split ->
 packed Arrow shards + manifest.
 
-Two streaming passes keep memory flat however large the sources are: the first reads, converts
-and tokenizes row by row into a memory-mapped sample file (quarantining bad rows as it goes); the
-second packs by lengths alone and copies samples into shards. Reads only the tokenizer of the base
-model, never its weights. The stage is declared in `tasks/stages.py`: its key changes when the
-data, the contracts, the tokenizer, the prep settings or this code do; train, eval and export
-re-run only when the shards or the val items it publishes change.
+Its cost grows with what changed: sources are read in content-addressed chunks whose tokenized
+rows are cached (`tasks.prep_chunks`), so a nightly run on a file that grew by 1% tokenizes the new
+rows only, on every core. What needs the whole dataset runs over the chunk outputs, which are
+memory-mapped and never all in memory: exact deduplication and dropping test-set rows (first
+occurrence wins, in source order), the contract (rows validated before are not validated again,
+`validate_chunks`), the split by content hash, packing by lengths alone, and the shards.
+
+Reads only the tokenizer of the base model, never its weights. The stage is declared in
+`tasks/stages.py`: its key changes when the data, the contracts, the tokenizer, the prep settings
+or this code do; train, eval and export re-run only when the shards or the items it publishes change.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, hub
-from tasks.chat_tokens import ContentError, TokenizedConversation, render_conversation, tokenize_rendered, tokenize_segments
+import numpy as np
+import pyarrow.compute as pc
+
+from tasks import atomic
+from tasks.chat_tokens import ContentError
 from tasks.config import DatasetConfig, RunConfig
+from tasks.contract_chunks import validate_chunks
 from tasks.contracts import ContractError, describe_failures, load_contract, validate_frames
 from tasks.fingerprint import FileHasher, hash_json
-from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
-from tasks.fragments import FragmentError, fragment_settings, split_row
-from tasks.packing import pack_lengths, packed_row
-from tasks.shards import SampleFile, add_hashes, write_shards
+from tasks.formats import DatasetError, Rejected, check_source, read_conversations
+from tasks.packing import pack_lengths
+from tasks.prep_chunks import (
+    TOKENIZE_BATCH,
+    ChunkBuilder,
+    ChunkOutput,
+    SourceChunk,
+    chunk_key,
+    contract_columns,
+    encoder_for,
+    is_built,
+    recipe,
+    source_chunks,
+    tokenize_batch,
+    tokenizer_key,
+)
+from tasks.shards import PackedSamples, add_hashes, write_shards
 
 log = logging.getLogger("loraflow.prep")
 
 ROWS_PER_SHARD = 50_000
 CONTRACT_CHUNK_ROWS = 100_000
-TOKENIZE_BATCH = 512
 VAL_ITEMS = "val_messages.jsonl"
 PROBE_ITEMS = "probe_messages.jsonl"
 PROBE_ROWS = 16
@@ -45,23 +65,37 @@ LENGTH_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str, Any]:
     """The prep stage (see the module docstring): its manifest fields, with every file in `work_dir`."""
-    from tasks.tokenizer import load_tokenizer
+    from tasks.stages import TOKENIZE_LIBRARIES, library_versions, tokenizer_identity
 
-    tokenizer = load_tokenizer(cfg, hub.base_model_dir(cfg))
+    tokenizer = tokenizer_key(cfg, tokenizer_identity(cfg, FileHasher()), library_versions(TOKENIZE_LIBRARIES))
+    encoder = encoder_for(cfg, tokenizer)
 
     # The pinned test set first: its rows are held out of training.
-    test_set = read_test_set(cfg, tokenizer, work_dir) if cfg.eval.test_set else None
+    test_set = read_test_set(cfg, encoder, work_dir) if cfg.eval.test_set else None
     held_out = test_set.pop("hashes") if test_set else {}
 
-    # Pass 1: every row becomes a tokenized sample or a quarantine record.
-    samples = SampleFile(work_dir / "samples.tmp.arrow")
-    sources = []
-    with (work_dir / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
-        seen_hashes: dict[str, tuple[str, int]] = {}
-        for index, dataset in enumerate(cfg.datasets):
-            sources.append(_read_source(cfg, index, dataset, tokenizer, samples, quarantine, seen_hashes, work_dir, held_out))
-    samples.close()
+    # Pass 1: every source as chunks; the ones not built before are built now, on every core.
+    chunked: list[list[tuple[SourceChunk, str]]] = []
+    with ChunkBuilder(cfg, encoder) as builder:
+        for dataset in cfg.datasets:
+            check_source(dataset)
+            recipe_key = recipe(cfg, dataset, tokenizer)
+            chunked.append([])
+            for chunk in source_chunks(dataset, cfg.dataset_max_rows):
+                key = chunk_key(recipe_key, chunk)
+                if not is_built(cfg, key):
+                    builder.add(dataset, chunk, key)
+                # What assembly needs of a chunk: never its rows (memory stays flat).
+                chunked[-1].append((SourceChunk(chunk.first_line, chunk.rows, chunk.digest, chunk.ends_source), key))
+            if not chunked[-1]:
+                raise DatasetError(f"{dataset.path}: the dataset is empty; add rows or remove it from `datasets`")
+    chunks_total = sum(len(chunks) for chunks in chunked)
 
+    # Assembly: deduplication and test-set rows across chunks, quarantine, the contract.
+    assembly = Assembly(cfg, held_out)
+    with (work_dir / "quarantine.jsonl").open("w", encoding="utf-8") as quarantine:
+        sources = [assembly.add_source(index, dataset, chunks, quarantine, work_dir)
+                   for index, (dataset, chunks) in enumerate(zip(cfg.datasets, chunked))]
     rows_in = sum(source["rows_in"] for source in sources)
     rows_accepted = sum(source["rows_accepted"] for source in sources)
     rows_quarantined = sum(source["rows_quarantined"] for source in sources)
@@ -74,27 +108,24 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         if source["contract"] and not source["contract"]["passed"]:
             raise ContractError(describe_failures(source["contract"], cfg.datasets[index].path))
 
-    # Pass 2: split by content, pack by length, copy samples into shards.
-    reader = samples.open_reader()
-    is_val = split_train_val(reader.content_hashes, cfg.val_set_size)
+    # Pass 2: split by content, pack by length, gather samples into shards.
+    lengths = assembly.lengths()
+    is_val = split_train_val(assembly.content_hashes, cfg.val_set_size)
     train_indices = [i for i, val in enumerate(is_val) if not val]
     val_indices = [i for i, val in enumerate(is_val) if val]
-    train_bins = _bins(cfg, reader.lengths, train_indices)
-    val_bins = _bins(cfg, reader.lengths, val_indices)
-    train_shards = add_hashes(write_shards(_packed_rows(reader, train_bins), work_dir, "train", ROWS_PER_SHARD), work_dir)
-    val_shards = add_hashes(write_shards(_packed_rows(reader, val_bins), work_dir, "val", ROWS_PER_SHARD), work_dir)
-    val_messages = (reader.messages(index) for index in val_indices)
+    train_bins = _bins(cfg, lengths, train_indices)
+    val_bins = _bins(cfg, lengths, val_indices)
+    packed = assembly.packed_samples()
+    train_shards = add_hashes(write_shards(packed.batches(train_bins), work_dir, "train", ROWS_PER_SHARD), work_dir)
+    val_shards = add_hashes(write_shards(packed.batches(val_bins), work_dir, "val", ROWS_PER_SHARD), work_dir)
+    val_messages = (assembly.messages(index) for index in val_indices)
     atomic.write_jsonl(work_dir / VAL_ITEMS, ({"messages": messages} for messages in val_messages if messages))
     # Without a val split (`val_set_size: 0`) the export still verifies its merge on some prompts:
     # a few training conversations (verification compares two models, it scores nothing).
     probe_indices = [] if val_indices else train_indices[:PROBE_ROWS]
-    atomic.write_jsonl(work_dir / PROBE_ITEMS, ({"messages": reader.messages(index)} for index in probe_indices))
-    lengths = reader.lengths
-    train_tokens = sum(lengths[i] for i in train_indices)
+    atomic.write_jsonl(work_dir / PROBE_ITEMS, ({"messages": assembly.messages(index)} for index in probe_indices))
+    train_tokens = int(sum(lengths[i] for i in train_indices))
     efficiency = train_tokens / (len(train_bins) * cfg.sequence_len) if train_bins else 0.0
-    trained_tokens = reader.trained_tokens_total
-    reader.close()
-    (work_dir / "samples.tmp.arrow").unlink()
 
     manifest = {
         "sources": sources,
@@ -103,12 +134,13 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         "rows_quarantined": rows_quarantined,
         "documents_split": sum(source["documents_split"] for source in sources),
         "fragments_made": sum(source["fragments_made"] for source in sources),
+        "chunks": {"total": chunks_total, "built": builder.built, "reused": chunks_total - builder.built},
         "train_samples": len(train_indices),
         "val_samples": len(val_indices),
         "train_rows": len(train_bins),
         "val_rows": len(val_bins),
-        "tokens": sum(lengths),
-        "trained_tokens": trained_tokens,
+        "tokens": int(sum(lengths)),
+        "trained_tokens": assembly.trained_tokens,
         "length_histogram": _histogram(lengths),
         "packing_efficiency": round(efficiency, 5),
         "train_shards": train_shards,
@@ -124,90 +156,112 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         log.warning("prep: %d training rows also occur in the test set; they were dropped from training (see quarantine.jsonl)",
                     rows_overlapping)
     log.info(
-        "prep: %d rows in, %d accepted, %d quarantined; %d train / %d val samples; packing efficiency %.4f",
+        "prep: %d rows in, %d accepted, %d quarantined; %d train / %d val samples; packing efficiency %.4f; "
+        "%d of %d chunks reused",
         rows_in, rows_accepted, rows_quarantined, len(train_indices), len(val_indices), efficiency,
+        chunks_total - builder.built, chunks_total,
     )
     return manifest
 
 
-def _read_source(
-    cfg: RunConfig, index: int, dataset: DatasetConfig, tokenizer: Any, samples: SampleFile, quarantine: Any,
-    seen_hashes: dict[str, tuple[str, int]], work_dir: Path, held_out: dict[str, int] | None = None,
-) -> dict[str, Any]:
-    check_source(dataset)
-    held_out = held_out or {}
-    counts = {"rows_in": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_truncated": 0, "rows_duplicate": 0,
-              "rows_overlapping_test_set": 0, "documents_split": 0, "fragments_made": 0}
+@dataclass
+class Assembly:
+    """The accepted samples of every source in order, where they lie in the chunk outputs, and
+    the state that spans chunks: the first occurrence of each row (exact deduplication) and the
+    test set's rows."""
 
-    def reject(record: Rejected) -> None:
-        counts["rows_quarantined"] += 1
-        quarantine.write(json.dumps(record.as_record(), ensure_ascii=False) + "\n")
+    cfg: RunConfig
+    held_out: dict[str, int]
+    outputs: list[ChunkOutput] = field(default_factory=list)
+    seen: dict[str, tuple[str, int]] = field(default_factory=dict)
+    chunk_of: list[np.ndarray] = field(default_factory=list)
+    index_in_chunk: list[np.ndarray] = field(default_factory=list)
+    content_hashes: list[str] = field(default_factory=list)
+    # Per sample: the row whose messages it carries (chunk, row), or -1 for a document's later fragments.
+    message_rows: list[tuple[int, int]] = field(default_factory=list)
+    sample_lengths: list[np.ndarray] = field(default_factory=list)
+    trained_tokens: int = 0
 
-    def accepted_rows() -> Iterator[dict[str, Any]]:
-        for chunk in _batches(itertools.islice(read_conversations(dataset), cfg.dataset_max_rows), TOKENIZE_BATCH):
-            conversations = []
-            for item in chunk:
+    def add_source(self, source: int, dataset: DatasetConfig, chunks: list[tuple[SourceChunk, str]], quarantine: Any,
+                   work_dir: Path) -> dict[str, Any]:
+        counts = {"rows_in": 0, "rows_accepted": 0, "rows_quarantined": 0, "rows_truncated": 0, "rows_duplicate": 0,
+                  "rows_overlapping_test_set": 0, "documents_split": 0, "fragments_made": 0}
+        accepted_rows: list[tuple[str, list[int], ChunkOutput]] = []
+
+        def reject(line: int, reason: str, raw: str) -> None:
+            counts["rows_quarantined"] += 1
+            quarantine.write(json.dumps(Rejected(dataset.path, line, reason, raw).as_record(), ensure_ascii=False) + "\n")
+
+        for chunk, key in chunks:
+            output = ChunkOutput.open(self.cfg, key)
+            number = len(self.outputs)
+            self.outputs.append(output)
+            rows = output.rows.select(["line", "reason", "raw", "content_hash", "truncated", "fragments", "first_sample",
+                                       "samples"]).to_pydict()
+            accepted, samples = [], []
+            for index, content_hash in enumerate(rows["content_hash"]):
                 counts["rows_in"] += 1
-                if isinstance(item, Rejected):
-                    reject(item)
+                line = chunk.first_line + rows["line"][index]
+                if content_hash is None:
+                    reject(line, rows["reason"][index], rows["raw"][index])
                     continue
-                content_hash = hash_json({"kind": item.kind, "messages": item.messages})
-                if content_hash in held_out:
+                if content_hash in self.held_out:
                     counts["rows_overlapping_test_set"] += 1
-                    reject(_rejected(item, f"also in the test set (eval.test_set, line {held_out[content_hash]}): held out, "
-                                           "never trained on"))
+                    reject(line, f"also in the test set (eval.test_set, line {self.held_out[content_hash]}): held out, never trained on",
+                           self._messages_record(output, index))
                     continue
-                if cfg.dataset_exact_deduplication:
-                    if content_hash in seen_hashes:
-                        first_source, first_line = seen_hashes[content_hash]
+                if self.cfg.dataset_exact_deduplication:
+                    if content_hash in self.seen:
+                        first_source, first_line = self.seen[content_hash]
                         counts["rows_duplicate"] += 1
-                        reject(_rejected(item, f"exact duplicate of row {first_line} of {first_source}"))
+                        reject(line, f"exact duplicate of row {first_line} of {first_source}", self._messages_record(output, index))
                         continue
-                    seen_hashes[content_hash] = (item.source, item.line)
-                conversations.append((item, content_hash))
-            tokenized = _tokenize_batch(cfg, dataset, tokenizer, [item for item, _ in conversations])
-            for (item, content_hash), tokens in zip(conversations, tokenized):
-                if isinstance(tokens, ContentError):
-                    reject(_rejected(item, str(tokens)))
-                    continue
-                pieces = [tokens]
-                if len(tokens.input_ids) > cfg.sequence_len:
-                    if cfg.excess_length_strategy == "quarantine":
-                        reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}; "
-                                               "raise sequence_len, shorten the row, or set excess_length_strategy: split (or truncate)"))
-                        continue
-                    if cfg.excess_length_strategy == "split":
-                        try:
-                            pieces = split_row(tokenizer, item.kind, item.messages, dataset.roles_to_train, tokens, fragment_settings(cfg))
-                        except FragmentError as error:
-                            reject(_rejected(item, f"{len(tokens.input_ids)} tokens, longer than sequence_len={cfg.sequence_len}, "
-                                                   f"and cannot be split: {error}"))
-                            continue
-                        counts["documents_split"] += 1
-                        counts["fragments_made"] += len(pieces)
-                    else:
-                        pieces = [tokens.truncated(cfg.sequence_len)]
-                        counts["rows_truncated"] += 1
-                if sum(piece.trained_tokens for piece in pieces) == 0:
-                    reject(_rejected(item, "no trained tokens after masking (or truncation)"))
+                    self.seen[content_hash] = (dataset.path, line)
+                counts["rows_truncated"] += rows["truncated"][index]
+                if rows["fragments"][index]:
+                    counts["documents_split"] += 1
+                    counts["fragments_made"] += rows["fragments"][index]
+                if rows["reason"][index] is not None:
+                    reject(line, rows["reason"][index], rows["raw"][index])
                     continue
                 counts["rows_accepted"] += 1
-                # Fragments share the row's hash (one split for the whole document) and only the first
-                # carries its messages: the document is one eval item, not one per fragment.
-                for position, piece in enumerate(pieces):
-                    samples.append(piece, item.messages if position == 0 else [], content_hash)
-                yield _contract_columns(item, tokens)
+                accepted.append(index)
+                first = rows["first_sample"][index]
+                for piece in range(rows["samples"][index]):
+                    samples.append(first + piece)
+                    self.content_hashes.append(content_hash)
+                    self.message_rows.append((number, index) if piece == 0 else (-1, -1))
+            selected = np.array(samples, dtype=np.int64)
+            self.chunk_of.append(np.full(len(selected), number, dtype=np.int64))
+            self.index_in_chunk.append(selected)
+            self.sample_lengths.append(pc.list_value_length(output.samples.column("input_ids")).to_numpy()[selected].astype(np.int64))
+            self.trained_tokens += int(output.samples.column("trained").to_numpy()[selected].sum()) if len(selected) else 0
+            accepted_rows.append((key, accepted, output))
 
-    contract_summary = None
-    if dataset.contract:
-        contract = load_contract(Path(cfg.contract.dir), dataset.contract)
-        docs_dir = work_dir / "data_docs" / f"source-{index}"
-        contract_summary = validate_frames(contract, _frames(accepted_rows()), docs_dir)
-        contract_summary["data_docs"] = str(docs_dir.relative_to(work_dir) / "index.html")
-    else:
-        for _ in accepted_rows():
-            pass
-    return {"type": dataset.type, **counts, "contract": contract_summary}
+        contract_summary = None
+        if dataset.contract:
+            contract = load_contract(Path(self.cfg.contract.dir), dataset.contract)
+            docs_dir = work_dir / "data_docs" / f"source-{source}"
+            contract_summary = validate_chunks(self.cfg, contract, accepted_rows, chunks[-1][0].ends_source, docs_dir)
+            if (docs_dir / "index.html").exists():
+                contract_summary["data_docs"] = str(docs_dir.relative_to(work_dir) / "index.html")
+        return {"type": dataset.type, **counts, "contract": contract_summary}
+
+    @staticmethod
+    def _messages_record(output: ChunkOutput, index: int) -> str:
+        # The same text as json.dumps({"messages": messages}, ensure_ascii=False).
+        return '{"messages": ' + output.rows.column("messages")[index].as_py() + "}"
+
+    def lengths(self) -> np.ndarray:
+        return np.concatenate(self.sample_lengths) if self.sample_lengths else np.zeros(0, dtype=np.int64)
+
+    def packed_samples(self) -> PackedSamples:
+        return PackedSamples([output.samples for output in self.outputs], np.concatenate(self.chunk_of),
+                             np.concatenate(self.index_in_chunk))
+
+    def messages(self, sample: int) -> list[dict[str, Any]]:
+        chunk, row = self.message_rows[sample]
+        return [] if chunk < 0 else json.loads(self.outputs[chunk].rows.column("messages")[row].as_py())
 
 
 def read_test_set(cfg: RunConfig, tokenizer: Any, work_dir: Path) -> dict[str, Any]:
@@ -231,10 +285,10 @@ def read_test_set(cfg: RunConfig, tokenizer: Any, work_dir: Path) -> dict[str, A
                 problems.append(f"line {item.line}: no assistant turn to score")
             else:
                 conversations.append(item)
-        for item, tokens in zip(conversations, _tokenize_batch(cfg, dataset, tokenizer, conversations)):
+        for item, tokens in zip(conversations, tokenize_batch(cfg, dataset, tokenizer, conversations)):
             hashes.setdefault(hash_json({"kind": item.kind, "messages": item.messages}), item.line)
             items.append({"messages": item.messages})
-            columns.append(_contract_columns(item, None if isinstance(tokens, ContentError) else tokens))
+            columns.append(contract_columns(item, None if isinstance(tokens, ContentError) else tokens))
     if problems:
         shown = "; ".join(problems[:5])
         raise DatasetError(f"eval.test_set {dataset.path}: {len(problems)} row(s) cannot be scored ({shown}); fix or remove them")
@@ -251,31 +305,6 @@ def read_test_set(cfg: RunConfig, tokenizer: Any, work_dir: Path) -> dict[str, A
             "hashes": hashes}
 
 
-def _rejected(item: Conversation, reason: str) -> Rejected:
-    return Rejected(item.source, item.line, reason, json.dumps({"messages": item.messages}, ensure_ascii=False))
-
-
-def _tokenize_batch(
-    cfg: RunConfig, dataset: DatasetConfig, tokenizer: Any, items: list[Conversation]
-) -> list[TokenizedConversation | ContentError]:
-    """Tokenized rows in order; a row whose content cannot be tokenized faithfully gets its error."""
-    results: list[TokenizedConversation | ContentError | None] = [None] * len(items)
-    rendered, rendered_at = [], []
-    for position, item in enumerate(items):
-        try:
-            if item.kind == "text":
-                results[position] = tokenize_segments(tokenizer, item.messages, cfg.train_on_inputs)
-            else:
-                rendered.append(render_conversation(tokenizer, item.messages, dataset.roles_to_train))
-                rendered_at.append(position)
-        except ContentError as error:
-            results[position] = error
-    if rendered:
-        for position, tokens in zip(rendered_at, tokenize_rendered(tokenizer, rendered, dataset.train_on_eos, cfg.train_on_inputs)):
-            results[position] = tokens
-    return results
-
-
 def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
     batch: list[Any] = []
     for item in items:
@@ -285,28 +314,6 @@ def _batches(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
             batch = []
     if batch:
         yield batch
-
-
-def _contract_columns(item: Conversation, tokens: TokenizedConversation | None) -> dict[str, Any]:
-    """The columns a contract can constrain: the row's scalar fields, plus columns derived per row
-    so that rules like "ends with an assistant turn" or "num_tokens <= 256" are one line of YAML."""
-    if item.kind == "chat":
-        roles = [m["role"] for m in item.messages]
-        answer = next((m["content"] for m in reversed(item.messages) if m["role"] == "assistant"), "")
-        characters = sum(len(m["content"]) for m in item.messages)
-    else:
-        roles = ["text"] * len(item.messages)
-        answer = next((s["text"] for s in reversed(item.messages) if s["train"]), "")
-        characters = sum(len(s["text"]) for s in item.messages)
-    return {
-        **item.raw_columns,
-        "num_messages": len(item.messages),
-        "role_sequence": ",".join(roles),
-        "last_role": roles[-1],
-        "num_chars": characters,
-        "assistant_text": answer,
-        **({"num_tokens": len(tokens.input_ids), "trained_tokens": tokens.trained_tokens} if tokens else {}),
-    }
 
 
 def check_contract(dataset: DatasetConfig, contract_dir: Path, tokenizer: Any | None, docs_dir: Path | None = None) -> dict[str, Any]:
@@ -322,9 +329,9 @@ def check_contract(dataset: DatasetConfig, contract_dir: Path, tokenizer: Any | 
             counts["rows_in"] += len(chunk)
             items = [item for item in chunk if not isinstance(item, Rejected)]
             counts["rows_rejected"] += len(chunk) - len(items)
-            tokenized = _tokenize_batch(settings, dataset, tokenizer, items) if tokenizer else [None] * len(items)
+            tokenized = tokenize_batch(settings, dataset, tokenizer, items) if tokenizer else [None] * len(items)
             for item, tokens in zip(items, tokenized):
-                yield _contract_columns(item, None if isinstance(tokens, ContentError) else tokens)
+                yield contract_columns(item, None if isinstance(tokens, ContentError) else tokens)
 
     summary = validate_frames(contract, _frames(rows()), docs_dir)
     return {**summary, **counts}
@@ -382,11 +389,6 @@ def _bins(cfg: RunConfig, lengths: list[int], indices: list[int]) -> list[list[i
     if not cfg.sample_packing:
         return [[index] for index in indices]
     return [[indices[i] for i in bin_] for bin_ in pack_lengths([lengths[i] for i in indices], cfg.sequence_len, seed=cfg.seed)]
-
-
-def _packed_rows(reader: Any, bins: list[list[int]]) -> Iterator[dict[str, list[int]]]:
-    for bin_ in bins:
-        yield packed_row({"input_ids": ids, "labels": labels} for ids, labels in map(reader.sample, bin_))
 
 
 def _histogram(lengths: list[int]) -> dict[str, int]:

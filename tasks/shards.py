@@ -6,14 +6,17 @@ same bytes, and each shard appears under its final name only when complete.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from tasks import atomic
+from tasks.chat_tokens import IGNORE_INDEX
 from tasks.fingerprint import FileHasher
 
 SHARD_SCHEMA = pa.schema([
@@ -21,19 +24,20 @@ SHARD_SCHEMA = pa.schema([
     ("labels", pa.list_(pa.int32())),
     ("position_ids", pa.list_(pa.int32())),
 ])
-_BATCH_ROWS = 1000
+BATCH_ROWS = 1000
 
 
-def write_shards(rows: Iterable[dict[str, Any]], out_dir: Path, split: str, rows_per_shard: int) -> list[dict[str, Any]]:
-    """Writes rows into `<split>-NNNNN.arrow` files, a record batch at a time so memory does not
-    grow with the shard size; returns one {file, rows} record per shard."""
+def write_shards(batches: Iterable[pa.RecordBatch], out_dir: Path, split: str, rows_per_shard: int) -> list[dict[str, Any]]:
+    """Writes record batches of packed rows into `<split>-NNNNN.arrow` files of `rows_per_shard`
+    rows (a multiple of the batch size), each under a temporary name until complete; returns one
+    {file, rows} record per shard (one empty shard when there are no rows)."""
     shards: list[dict[str, Any]] = []
     writer: _ShardWriter | None = None
-    for row in rows:
+    for batch in batches:
         if writer is None:
             writer = _ShardWriter(out_dir / f"{split}-{len(shards):05d}.arrow")
-        writer.add(row)
-        if writer.rows == rows_per_shard:
+        writer.add(batch)
+        if writer.rows >= rows_per_shard:
             shards.append(writer.finish())
             writer = None
     if writer is not None or not shards:
@@ -49,96 +53,60 @@ class _ShardWriter:
         self.temporary = atomic.temporary_sibling(path)
         self._sink = pa.OSFile(str(self.temporary), "wb")
         self._writer = pa.ipc.new_stream(self._sink, SHARD_SCHEMA)
-        self._pending: list[dict[str, Any]] = []
         self.rows = 0
 
-    def add(self, row: dict[str, Any]) -> None:
-        self._pending.append(row)
-        self.rows += 1
-        if len(self._pending) == _BATCH_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._writer.write_batch(pa.record_batch(
-                [pa.array([row[name] for row in self._pending], type=field.type) for name, field in zip(SHARD_SCHEMA.names, SHARD_SCHEMA)],
-                schema=SHARD_SCHEMA,
-            ))
-            self._pending.clear()
+    def add(self, batch: pa.RecordBatch) -> None:
+        self._writer.write_batch(batch)
+        self.rows += batch.num_rows
 
     def finish(self) -> dict[str, Any]:
-        self._flush()
         self._writer.close()
         self._sink.close()
         atomic.commit(self.temporary, self.path)
         return {"file": self.path.name, "rows": self.rows}
 
 
-SAMPLE_SCHEMA = pa.schema([
-    ("input_ids", pa.list_(pa.int32())),
-    ("labels", pa.list_(pa.int32())),
-    ("messages", pa.string()),
-])
+class PackedSamples:
+    """The accepted samples of a prep, where they lie in the memory-mapped chunk outputs
+    (`tasks.prep_chunks`), assembled into packed rows without a Python loop per token.
 
+    A packed row concatenates its samples' `input_ids` and `labels` and restarts `position_ids`
+    at 0 per sample; the first label of every sample is -100 (see `tasks.packing.packed_row`:
+    the model shifts labels by one, so that label would be predicted from the previous sample)."""
 
-class SampleFile:
-    """Tokenized samples of pass 1 of prep, appended one by one and read back by index.
+    def __init__(self, sample_tables: list[pa.Table], chunk_of: np.ndarray, index_in_chunk: np.ndarray) -> None:
+        self.input_ids = [table.column("input_ids") for table in sample_tables]
+        self.labels = [table.column("labels") for table in sample_tables]
+        self.chunk_of, self.index_in_chunk = chunk_of, index_in_chunk
 
-    An Arrow IPC *file* (random access), memory-mapped for reading, so that packing can visit
-    samples in any order without holding them in memory; only lengths and hashes stay in RAM.
-    """
+    def batches(self, bins: list[list[int]], rows_per_batch: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        for start in range(0, len(bins), rows_per_batch):
+            group = bins[start : start + rows_per_batch]
+            order = np.fromiter(itertools.chain.from_iterable(group), dtype=np.int64)
+            input_ids, labels = self._gather(self.input_ids, order), self._gather(self.labels, order)
+            lengths = pc.list_value_length(input_ids).to_numpy().astype(np.int64)
+            sample_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            label_values = labels.flatten().to_numpy(zero_copy_only=False).copy()
+            label_values[sample_starts] = IGNORE_INDEX
+            positions = (np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(sample_starts, lengths)).astype(np.int32)
+            bin_starts = np.concatenate([[0], np.cumsum([len(bin_) for bin_ in group])[:-1]]).astype(np.int64)
+            row_offsets = pa.array(np.concatenate([[0], np.cumsum(np.add.reduceat(lengths, bin_starts))]).astype(np.int32))
+            yield pa.record_batch([
+                pa.ListArray.from_arrays(row_offsets, input_ids.flatten()),
+                pa.ListArray.from_arrays(row_offsets, pa.array(label_values, type=pa.int32())),
+                pa.ListArray.from_arrays(row_offsets, pa.array(positions, type=pa.int32())),
+            ], schema=SHARD_SCHEMA)
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._sink = pa.OSFile(str(path), "wb")
-        self._writer = pa.ipc.new_file(self._sink, SAMPLE_SCHEMA)
-        self._pending: list[tuple[list[int], list[int], str]] = []
-        self.lengths: list[int] = []
-        self.content_hashes: list[str] = []
-        self.trained_tokens_total = 0
-
-    def append(self, tokens: Any, messages: list[dict[str, Any]], content_hash: str) -> None:
-        self._pending.append((tokens.input_ids, tokens.labels, json.dumps(messages, ensure_ascii=False)))
-        self.lengths.append(len(tokens.input_ids))
-        self.content_hashes.append(content_hash)
-        self.trained_tokens_total += tokens.trained_tokens
-        if len(self._pending) == _BATCH_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            columns = list(zip(*self._pending))
-            self._writer.write_batch(pa.record_batch(
-                [pa.array(column, type=field.type) for column, field in zip(columns, SAMPLE_SCHEMA)], schema=SAMPLE_SCHEMA
-            ))
-            self._pending.clear()
-
-    def close(self) -> None:
-        self._flush()
-        self._writer.close()
-        self._sink.close()
-
-    def open_reader(self) -> SampleReader:
-        return SampleReader(self)
-
-
-class SampleReader:
-    def __init__(self, written: SampleFile) -> None:
-        self._source = pa.memory_map(str(written.path))
-        self._table = pa.ipc.open_file(self._source).read_all()
-        self.lengths = written.lengths
-        self.content_hashes = written.content_hashes
-        self.trained_tokens_total = written.trained_tokens_total
-
-    def sample(self, index: int) -> tuple[list[int], list[int]]:
-        return self._table["input_ids"][index].as_py(), self._table["labels"][index].as_py()
-
-    def messages(self, index: int) -> list[dict[str, Any]]:
-        return json.loads(self._table["messages"][index].as_py())
-
-    def close(self) -> None:
-        self._table = None
-        self._source.close()
+    def _gather(self, columns: list[pa.ChunkedArray], order: np.ndarray) -> pa.ListArray:
+        """The lists of the samples `order`, in that order: one `take` per chunk output they lie in."""
+        chunks = self.chunk_of[order]
+        taken, positions = [], []
+        for chunk in np.unique(chunks):
+            selected = np.nonzero(chunks == chunk)[0]
+            taken.append(columns[chunk].take(pa.array(self.index_in_chunk[order[selected]])).combine_chunks())
+            positions.append(selected)
+        combined = taken[0] if len(taken) == 1 else pa.concat_arrays(taken)
+        return combined.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
 
 
 def add_hashes(shards: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:

@@ -103,7 +103,7 @@ def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
 PREP = Stage(
     name="prep",
     upstream=(),
-    code=("prep", "formats", "chat_tokens", "contracts", "packing", "shards"),
+    code=("prep", "prep_chunks", "contract_chunks", "formats", "chat_tokens", "fragments", "tokenizer", "contracts", "packing", "shards"),
     build="tasks.prep:build",
     inputs=prep_inputs,
     # Train reads the shards, eval and export the val items.

@@ -13,7 +13,7 @@ from tasks import store
 from tasks.config import ConfigError, DatasetConfig, RunConfig
 from tasks.formats import Conversation, DatasetError, Rejected, check_source, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import _tokenize_batch
+from tasks.prep_chunks import tokenize_batch
 from tasks.stage import run_stage, stage_key
 from tasks.stages import PREP
 
@@ -108,7 +108,7 @@ def test_row_level_case_gives_its_reasons(case: dict[str, Any], generated_dir: P
     assert all(item.source == dataset.path for item in items)
     accepted = [item for item in items if isinstance(item, Conversation)]
     for item in accepted:
-        tokens = _tokenize_batch(cfg, dataset, tokenizer, [item])[0]
+        tokens = tokenize_batch(cfg, dataset, tokenizer, [item])[0]
         assert 0 < tokens.trained_tokens and len(tokens.input_ids) <= cfg.sequence_len, f"line {item.line} would not train"
     check_quarantined(case, rejected, len(accepted))
     accepted_lines = [item.line for item in accepted]

@@ -19,7 +19,7 @@ from tasks.chat_tokens import IGNORE_INDEX, TokenizedConversation
 from tasks.config import ConfigError, DatasetConfig, RunConfig
 from tasks.formats import Conversation, DatasetError, check_source, read_conversations
 from tasks.preflight import preflight
-from tasks.prep import _tokenize_batch
+from tasks.prep_chunks import tokenize_batch
 from tasks.stage import run_stage
 from tasks.stages import PREP
 
@@ -78,7 +78,7 @@ def prepare(tmp_path: Path, tokenizer: Any, model_dir: Path, rows: list[Any], da
     cfg = run_config(tmp_path, model_dir, [{"path": str(path), **dataset}], **settings)
     items = list(read_conversations(cfg.datasets[0]))
     assert all(isinstance(item, Conversation) for item in items), [getattr(item, "reason", None) for item in items]
-    return items, _tokenize_batch(cfg, cfg.datasets[0], tokenizer, items)
+    return items, tokenize_batch(cfg, cfg.datasets[0], tokenizer, items)
 
 
 # ---------------------------------------------------------------- chat types: what is trained
@@ -197,7 +197,7 @@ def test_train_on_inputs_trains_every_token(tmp_path: Path, tiny_tokenizer: Any,
     )
 
     chat_tokens, segment_tokens = [
-        _tokenize_batch(cfg, dataset, tiny_tokenizer, [next(read_conversations(dataset))])[0] for dataset in cfg.datasets
+        tokenize_batch(cfg, dataset, tiny_tokenizer, [next(read_conversations(dataset))])[0] for dataset in cfg.datasets
     ]
 
     assert chat_tokens.labels == chat_tokens.input_ids
