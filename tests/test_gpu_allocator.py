@@ -129,3 +129,22 @@ def test_simulated_devices_and_no_devices(monkeypatch, lock_dir):
         host_devices()
     # A CPU job asks for no GPU and gets an empty lease, which sets nothing.
     assert acquire(0, devices=[]).environment() == {}
+
+
+def test_a_model_server_holds_a_gpu_while_it_runs_and_sees_only_that_one(lock_dir, tmp_path):
+    from tasks.serving import free_port, managed_server
+    from tests.test_eval_serving import running_with, server_command
+
+    with acquire(3, job="training") as training:
+        assert training.devices == (0, 1, 2)
+        port = free_port()
+        with managed_server(server_command(port), port, tmp_path / "server.log", startup_timeout=30, what="eval server"):
+            (pid,) = running_with(f"--port {port}")
+            environment = dict(
+                item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if "=" in item
+            )
+            assert environment["CUDA_VISIBLE_DEVICES"] == "3"
+            with pytest.raises(GpuWaitTimeoutError, match=r"GPU 3 by pid \d+ \(eval server\)"):
+                acquire(1, job="another", timeout=0.5)
+    with acquire(4) as everything:  # the server's GPU came back when it stopped
+        assert everything.devices == (0, 1, 2, 3)
