@@ -215,6 +215,8 @@ def launch_command(cfg: RunConfig, plan: ProcessPlan, worker_args: list[str], po
         command += ["--machine_rank", str(cfg.machine_rank), "--main_process_ip", str(cfg.main_process_ip)]
     if plan.strategy == "deepspeed":
         command += ["--use_deepspeed", "--deepspeed_config_file", str(Path(cfg.deepspeed or "").resolve())]
+        if plan.machines > 1:  # torchrun on each machine, as for DDP (accelerate's default, pdsh, needs ssh between hosts)
+            command += ["--deepspeed_multinode_launcher", "standard"]
     elif plan.launched:
         command += ["--multi_gpu"]
     return [sys.executable, "-m", "tasks.launch", *command, "-m", "tasks.train_worker", *worker_args]
@@ -239,7 +241,8 @@ def run_launched(cfg: RunConfig, plan: ProcessPlan, work_dir: Path, prep_manifes
     environment = {**os.environ, **(devices or {}), RUN_CONFIG_ENV: cfg.model_dump_json(), PARENT_PID_ENV: str(os.getpid())}
     where = f" ({plan.per_machine} on machine {cfg.machine_rank} of {plan.machines})" if plan.machines > 1 else ""
     on_gpus = f" on GPU {devices['CUDA_VISIBLE_DEVICES']}" if devices else ""
-    log.info("train: launching %d %s processes%s%s", plan.processes, plan.strategy.upper(), where, on_gpus)
+    what = f"{plan.processes} {plan.strategy.upper()} processes" if plan.launched else "1 process"
+    log.info("train: launching %s%s%s", what, where, on_gpus)
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     output: queue.Queue[str | None] = queue.Queue()
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)

@@ -1,9 +1,12 @@
-"""Multi-node training, as two "machines" on this host: two train stages started side by side with
-`num_machines: 2`, `machine_rank` 0 and 1, meeting at 127.0.0.1 over gloo, one process each, on one
-shared state_dir, train the same adapter as one machine with two processes.
+"""Training beyond one job on one machine's GPUs, on a CPU:
 
-Each machine also holds its GPU through the allocator (LORAFLOW_FAKE_GPUS, a lock directory per
-machine), so the launched processes are started with the CUDA_VISIBLE_DEVICES of their lease.
+- multi-node, as two "machines" on this host: two train stages started side by side with
+  `num_machines: 2`, `machine_rank` 0 and 1, meeting at 127.0.0.1 over gloo, one process each, on
+  one shared state_dir, train the same adapter as one machine with two processes;
+- each job holds its GPUs through the allocator (LORAFLOW_FAKE_GPUS, a lock directory per
+  machine): the launched processes get the CUDA_VISIBLE_DEVICES of their lease, and a job holding
+  one GPU of several trains in a child process the adapter it would train in the task's own.
+
 What cannot run here: NCCL between real hosts, and a Kubernetes pod per machine (deployments/README.md).
 """
 
@@ -20,15 +23,16 @@ import pytest
 import yaml
 
 from tasks import store
-from tasks.config import MACHINE_RANK_ENV
+from tasks.config import MACHINE_RANK_ENV, RunConfig
 from tasks.config_load import load_config
 from tasks.gpu_allocator import FAKE_GPUS_ENV, LOCK_DIR_ENV
-from tasks.launch import machine_problems, plan_processes
+from tasks.gpus import GpuInfo
+from tasks.launch import launch_command, machine_problems, plan_processes
 from tasks.serving import free_port
 from tasks.stage import stage_key
 from tasks.stages import TRAIN
 from tasks.train import ADAPTER, METRICS
-from tests.train_stage import REPO, SUBPROCESS_ENV, build_template, loss_curve, new_stage
+from tests.train_stage import REPO, SUBPROCESS_ENV, build_template, loss_curve, new_stage, one_thread  # noqa: F401
 
 # One machine's train stage, as the pipeline runs it; its log on stderr.
 MACHINE = """
@@ -37,7 +41,7 @@ from tasks.config_load import load_config
 from tasks.stage import run_stage
 from tasks.stages import TRAIN
 
-logging.basicConfig(level=logging.INFO, force=True)
+logging.basicConfig(level=logging.INFO, force=True, format="%(asctime)s %(message)s")
 manifest = run_stage(TRAIN, load_config(sys.argv[1]), {"prep": json.loads(open(sys.argv[3]).read())}, key=sys.argv[2])
 print(json.dumps(manifest))
 """
@@ -107,6 +111,39 @@ def test_two_machines_with_one_process_each_train_the_adapter_of_one_machine_wit
     print(f"\none machine x 2 processes: {one_machine_s:.1f} s; two machines x 1 process: {two_machines_s:.1f} s")
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_a_job_holding_one_gpu_of_several_trains_in_a_child_the_adapter_it_trains_in_the_task(template, tmp_path, monkeypatch, caplog):
+    import logging
+
+    from tasks.gpu_allocator import acquire
+    from tasks.stage import run_stage
+
+    raw = yaml.safe_load(template.config_path.read_text())
+    del raw["num_processes"]  # one process per visible GPU: one here
+
+    def train(directory: Path) -> tuple[dict, Path]:
+        new_stage(template, directory)
+        raw["state_dir"] = str(directory / "state")
+        (directory / "one-process.yaml").write_text(yaml.safe_dump(raw))
+        cfg = load_config(directory / "one-process.yaml")
+        key = stage_key(TRAIN, cfg, {"prep": template.prep_manifest})
+        manifest = run_stage(TRAIN, cfg, {"prep": template.prep_manifest}, key=key)
+        return manifest, store.stage_dir(cfg, "train", key) / ADAPTER / "adapter_model.safetensors"
+
+    with caplog.at_level(logging.INFO, logger="loraflow.train"):
+        in_task, in_task_adapter = train(tmp_path / "in-task")  # no GPU: trains in this process
+        assert "train: launching" not in caplog.text
+        monkeypatch.setenv(FAKE_GPUS_ENV, "2")
+        monkeypatch.setenv(LOCK_DIR_ENV, str(tmp_path / "locks"))
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the child's threads as this process's (one_thread)
+        with acquire(1, job="another job"):  # GPU 0 is taken
+            in_child, in_child_adapter = train(tmp_path / "in-child")
+    assert "train: launching 1 process on GPU 1" in caplog.text
+    assert in_child_adapter.read_bytes() == in_task_adapter.read_bytes()
+    for name in ("processes", "global_step", "train_loss", "eval_loss", "adapter_sha256"):
+        assert in_child[name] == in_task[name], name
+
+
 def test_multi_node_settings_are_checked_before_anything_runs(template):
     cfg = load_config(template.config_path)
     assert machine_problems(cfg) == []
@@ -115,3 +152,19 @@ def test_multi_node_settings_are_checked_before_anything_runs(template):
     assert problems[0].startswith("`machine_rank` 2 but `num_machines` 2: ranks run from 0 to 1")
     assert problems[1].startswith("`num_machines` 2 needs `main_process_ip`")
     assert problems[2].startswith("`num_processes` 3 counts the processes of all 2 machines")
+
+
+def test_launch_command_across_machines(tmp_path):
+    (tmp_path / "ds.json").write_text("{}")
+    cfg = RunConfig(base_model="models/llama", datasets=[{"path": "rows.jsonl"}], num_machines=2, machine_rank=1, main_process_ip="10.0.0.4")
+    plan = plan_processes(cfg, [GpuInfo(index, "NVIDIA H100", 85.0, 9.0) for index in range(8)])
+    assert (plan.processes, plan.per_machine, plan.machines) == (16, 8, 2)  # the default: every visible GPU on each machine
+    command = launch_command(cfg, plan, ["WORK_DIR"], 29500)
+    assert "--multi_gpu" in command
+    for name, value in (("--num_processes", "16"), ("--num_machines", "2"), ("--machine_rank", "1"),
+                        ("--main_process_ip", "10.0.0.4"), ("--main_process_port", "29500")):
+        assert command[command.index(name) + 1] == value, name
+    deepspeed = cfg.model_copy(update={"deepspeed": str(tmp_path / "ds.json"), "num_processes": 4})
+    command = launch_command(deepspeed, plan_processes(deepspeed, []), ["WORK_DIR"], 29500)
+    assert command[command.index("--deepspeed_multinode_launcher") + 1] == "standard"
+    assert command[command.index("--num_processes") + 1] == "4"
