@@ -156,7 +156,9 @@ def test_multi_node_settings_are_checked_before_anything_runs(template):
 
 def test_launch_command_across_machines(tmp_path):
     (tmp_path / "ds.json").write_text("{}")
-    cfg = RunConfig(base_model="models/llama", datasets=[{"path": "rows.jsonl"}], num_machines=2, machine_rank=1, main_process_ip="10.0.0.4")
+    cfg = RunConfig(
+        base_model="models/llama", datasets=[{"path": "rows.jsonl"}], num_machines=2, machine_rank=1, main_process_ip="10.0.0.4"
+    )
     plan = plan_processes(cfg, [GpuInfo(index, "NVIDIA H100", 85.0, 9.0) for index in range(8)])
     assert (plan.processes, plan.per_machine, plan.machines) == (16, 8, 2)  # the default: every visible GPU on each machine
     command = launch_command(cfg, plan, ["WORK_DIR"], 29500)
