@@ -1,8 +1,9 @@
 """Several fine-tunes at once: one pipeline flow run per config, at most `max_parallel` at a time.
 
-One pipeline's failure is reported with the others' results instead of stopping them. Stages
-that hold an accelerator carry the `gpu` tag, so a Prefect concurrency limit on that tag makes
-jobs on one machine queue for the GPU instead of fighting over its memory.
+One pipeline's failure is reported with the others' results instead of stopping them. Each job
+holds its own GPUs while it trains or serves (`tasks/gpu_allocator.py`: one per training process,
+waiting while other jobs hold them), so jobs on one machine never share a device. Stages that hold
+an accelerator also carry the `gpu` tag, for a Prefect concurrency limit across workers.
 """
 
 from __future__ import annotations

@@ -196,12 +196,23 @@ def pipeline(
     with tags(f"config:{cfg.name}", f"model:{Path(cfg.base_model).name}", *(f"stage:{s}" for s in plan.selected)):
         prep = run_stage(cfg, STAGES["prep"], {}, plan, hasher)
         train = run_stage(cfg, STAGES["train"], {"prep": prep}, plan, hasher)
+        if cfg.machine_rank > 0:
+            return _joined_training(cfg, plan, hasher, prep, train)
         evaluation = run_stage(cfg, STAGES["eval"], {"prep": prep, "train": train}, plan, hasher)
         export = run_stage(cfg, STAGES["export"], {"prep": prep, "train": train, "eval": evaluation}, plan, hasher)
         promotion = _promote(cfg, export, evaluation) if export else None
 
     hasher.save()
     return write_run_summary(cfg, plan.outcomes, prep, train, evaluation, export, promotion)
+
+
+def _joined_training(cfg: RunConfig, plan: StagePlan, hasher: FileHasher, prep: dict | None, train: dict | None) -> dict:
+    """Machines other than machine 0 of a multi-node run stop after training: machine 0 evaluates,
+    exports and promotes what they trained together. Their summary goes beside machine 0's."""
+    log.info("machine %d of %d: training done; machine 0 runs eval, export and promotion", cfg.machine_rank, cfg.num_machines)
+    hasher.save()
+    own_summary = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / f"machine-{cfg.machine_rank}")})
+    return write_run_summary(own_summary, plan.outcomes, prep, train, None, None, None)
 
 
 def _promote(cfg: RunConfig, export: dict, evaluation: dict | None = None) -> dict:

@@ -94,7 +94,7 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
     "debug": notice("loraflow logs every stage; `debug` output is not used"),
     "debug_num_examples": notice("loraflow logs every stage; `debug` output is not used"),
     "local_rank": notice("set by the launcher; loraflow starts its processes itself"),
-    "world_size": notice("set by the launcher; use `num_processes`"),
+    "world_size": notice("set by the launcher; use `num_processes` (all machines together) and `num_machines`"),
     "device": notice("loraflow places the model itself (one GPU per process, or the CPU)"),
     "device_map": notice("loraflow places the model itself (one GPU per process, or the CPU)"),
     "max_memory": notice("loraflow places the model itself; `validate` estimates the memory per process"),

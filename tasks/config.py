@@ -9,6 +9,7 @@ costliest kind of config bug: it is found hours later, in the metrics.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, model_validator
@@ -19,6 +20,11 @@ from tasks.errors import ConfigFamilyError
 
 class ConfigError(ConfigFamilyError):
     """A config that cannot run; the message names the file, the setting and the fix."""
+
+
+# Multi-node training: every machine runs the same config file; these say which machine this is.
+MACHINE_RANK_ENV = "LORAFLOW_MACHINE_RANK"
+MAIN_PROCESS_IP_ENV = "LORAFLOW_MAIN_PROCESS_IP"
 
 
 # The sections, defined in tasks/config_sections.py, are part of this module's interface.
@@ -185,8 +191,28 @@ class RunConfig(StrictModel):
     )
     num_processes: int | None = Field(
         None, ge=1,
-        description="Training processes, started with `accelerate launch` when more than one; default: one per visible GPU. "
-        "micro_batch_size is per process. On a CPU, several processes train with DDP over gloo.",
+        description="Training processes on all machines together (accelerate's meaning), started with `accelerate launch` "
+        "when more than one; default: one per visible GPU on each machine. micro_batch_size is per process. On a GPU host "
+        "the job holds that many GPUs per machine, waiting while other jobs hold them. On a CPU, several processes train "
+        "with DDP over gloo.",
+    )
+    num_machines: int = Field(
+        1, ge=1, description="Machines that train together (accelerate's `num_machines`); each runs the same config with its "
+        "own `machine_rank`, on a state_dir all of them share (deployments/README.md).",
+    )
+    machine_rank: int = Field(
+        default_factory=lambda: int(os.environ.get(MACHINE_RANK_ENV) or 0), ge=0,
+        description=f"This machine's rank, 0 to num_machines - 1 (default: ${MACHINE_RANK_ENV}, else 0). Machine 0 "
+        "publishes the adapter and runs eval and export; the others join its training.",
+    )
+    main_process_ip: str | None = Field(
+        default_factory=lambda: os.environ.get(MAIN_PROCESS_IP_ENV) or None,
+        description=f"Address of machine 0, which the others connect to (default: ${MAIN_PROCESS_IP_ENV}); "
+        "needed when num_machines > 1.",
+    )
+    main_process_port: int | None = Field(
+        None, ge=1, le=65535, description="Port machine 0 listens on for the others (default: a free port on one machine, "
+        "29500 across machines).",
     )
     deepspeed: str | None = Field(
         None, description="DeepSpeed JSON config (ZeRO-2/3); its `auto` values are filled from this config. Needs GPUs."
@@ -344,7 +370,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "gradient_accumulation_steps", "num_epochs", "max_steps", "learning_rate", "lr_scheduler",
         "warmup_ratio", "warmup_steps", "optimizer", "weight_decay", "max_grad_norm", "bf16",
         "tf32", "flash_attention", "attn_implementation", "gradient_checkpointing", "torch_compile", "liger_kernel",
-        "num_processes", "deepspeed", "fsdp", "fsdp_config", "save_steps", "save_total_limit", "eval_steps", "logging_steps",
+        "num_processes", "num_machines", "deepspeed", "fsdp", "fsdp_config", "save_steps", "save_total_limit", "eval_steps",
+        "logging_steps",
     ),
     "eval": ("eval",),
     "export": ("export", "hub_model_id"),
@@ -352,7 +379,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # Models, tokenizers and adapters are locations (or hub ids), as base_model is: the stage keys hash
     # what they resolve to (tasks/stages.py), never the string.
     "none": ("name", "base_model", "revision_of_model", "base_model_config", "tokenizer_config", "lora_model_dir",
-             "output_dir", "state_dir", "schedule", "timeouts", "ddp_timeout",
+             "output_dir", "state_dir", "schedule", "timeouts", "ddp_timeout", "machine_rank", "main_process_ip", "main_process_port",
              "retries", "report_to", "tracking_env", "notify", "dataset_processes"),
 }
 

@@ -1,7 +1,8 @@
 """Training in several processes: the train task starts `accelerate launch` and follows it.
 
 One process trains inside the train task itself. More than one (several visible GPUs, or
-`num_processes`), or a `deepspeed` / `fsdp` setting, and the task instead starts
+`num_processes`), a `deepspeed` / `fsdp` setting, or a job holding only some of the visible GPUs
+(`tasks/gpu_allocator.py`), and the task instead starts
 `accelerate launch -m tasks.train_worker ...` (torchrun underneath: DDP over NCCL on GPUs, over
 gloo on a CPU; DeepSpeed or FSDP as configured through the Trainer). Every process runs the same
 `train.train_in_process`; the main one writes metrics, checkpoint markers and the adapter, and
@@ -18,6 +19,10 @@ What a user can rely on:
   main process's `progress.json` and `metrics.jsonl`, and the processes' output reaches the
   task's log; a failed launch raises `LaunchError` with the exit status and the last lines.
 - `deepspeed_problems` checks a DeepSpeed JSON against this config before anything starts.
+- Several machines (`num_machines`): each runs the train stage with its `machine_rank`; their
+  processes meet at `main_process_ip:main_process_port` and train in the same directory of a
+  shared state_dir. Machine 0's processes include the main one (global rank 0), which writes the
+  checkpoint markers (after a barrier across every machine), the adapter and the manifest fields.
 
 Nothing here imports torch at module level: preflight uses the checks.
 """
@@ -55,6 +60,8 @@ PARENT_PID_ENV = "LORAFLOW_PARENT_PID"
 # Files in the train stage's work directory through which the task and its processes talk.
 LAUNCH_INPUTS = "launch_inputs.json"
 TRAIN_RESULT = "train_result.json"
+# torchrun's default rendezvous port, for machines that must agree on one without being told.
+DEFAULT_MAIN_PROCESS_PORT = 29500
 _OUTPUT_TAIL_LINES = 100
 _POLL_SECONDS = 0.5
 
@@ -80,25 +87,53 @@ class LaunchError(StageFailedError):
 
 @dataclass(frozen=True)
 class ProcessPlan:
-    """How many processes train, and how they share the work."""
+    """How many processes train (on all machines together: the world size), and how they share the work."""
 
     processes: int
     strategy: Literal["single", "ddp", "deepspeed", "fsdp"]
+    machines: int = 1
 
     @property
     def launched(self) -> bool:
         return self.strategy != "single"
 
+    @property
+    def per_machine(self) -> int:
+        """Processes (and GPUs, on a GPU host) on each machine."""
+        return self.processes // self.machines
+
 
 def plan_processes(cfg: RunConfig, gpus: list[GpuInfo] | None = None) -> ProcessPlan:
-    """`num_processes`, else one process per visible GPU (one on a CPU)."""
+    """`num_processes` (all machines together), else one process per visible GPU (one on a CPU) on
+    each of `num_machines`."""
     gpus = visible_gpus() if gpus is None else gpus
-    processes = cfg.num_processes or max(1, len(gpus))
+    processes = cfg.num_processes or max(1, len(gpus)) * cfg.num_machines
     if cfg.deepspeed:
-        return ProcessPlan(processes, "deepspeed")
+        return ProcessPlan(processes, "deepspeed", cfg.num_machines)
     if cfg.fsdp_config is not None:
-        return ProcessPlan(processes, "fsdp")
-    return ProcessPlan(processes, "ddp" if processes > 1 else "single")
+        return ProcessPlan(processes, "fsdp", cfg.num_machines)
+    return ProcessPlan(processes, "ddp" if processes > 1 else "single", cfg.num_machines)
+
+
+def machine_problems(cfg: RunConfig) -> list[str]:
+    """Multi-node settings that cannot work together, each with its fix."""
+    problems = []
+    if cfg.machine_rank >= cfg.num_machines:
+        problems.append(
+            f"`machine_rank` {cfg.machine_rank} but `num_machines` {cfg.num_machines}: ranks run from 0 to {cfg.num_machines - 1}; "
+            "give each machine its own (LORAFLOW_MACHINE_RANK)"
+        )
+    if cfg.num_machines > 1 and not cfg.main_process_ip:
+        problems.append(
+            f"`num_machines` {cfg.num_machines} needs `main_process_ip`: the address of machine 0 that the others reach "
+            "(or LORAFLOW_MAIN_PROCESS_IP)"
+        )
+    if cfg.num_processes and cfg.num_processes % cfg.num_machines:
+        problems.append(
+            f"`num_processes` {cfg.num_processes} counts the processes of all {cfg.num_machines} machines and must divide "
+            f"evenly among them; set num_processes to a multiple of {cfg.num_machines}"
+        )
+    return problems
 
 
 def read_deepspeed_config(cfg: RunConfig) -> dict[str, Any]:
@@ -168,33 +203,46 @@ def launch_command(cfg: RunConfig, plan: ProcessPlan, worker_args: list[str], po
 
     torchrun starts the processes either way; the Trainer configures DDP, FSDP and DeepSpeed itself
     from its arguments. DeepSpeed goes through accelerate's DeepSpeed launcher, which also serves a
-    single process (ZeRO-Offload on one GPU).
+    single process (ZeRO-Offload on one GPU). Across machines, `--num_processes` counts all of them
+    (accelerate starts `processes / machines` here) and machine 0 at `main_process_ip:port` gathers
+    the others. One process without DeepSpeed (a job holding one GPU of several) runs as a plain child.
     """
     command = [
-        "--num_processes", str(plan.processes), "--num_machines", "1", "--main_process_port", str(port),
+        "--num_processes", str(plan.processes), "--num_machines", str(plan.machines), "--main_process_port", str(port),
         "--mixed_precision", "bf16" if cfg.bf16 else "no", "--dynamo_backend", "no",
     ]
+    if plan.machines > 1:
+        command += ["--machine_rank", str(cfg.machine_rank), "--main_process_ip", str(cfg.main_process_ip)]
     if plan.strategy == "deepspeed":
         command += ["--use_deepspeed", "--deepspeed_config_file", str(Path(cfg.deepspeed or "").resolve())]
-    else:
+        if plan.machines > 1:  # torchrun on each machine, as for DDP (accelerate's default, pdsh, needs ssh between hosts)
+            command += ["--deepspeed_multinode_launcher", "standard"]
+    elif plan.launched:
         command += ["--multi_gpu"]
     return [sys.executable, "-m", "tasks.launch", *command, "-m", "tasks.train_worker", *worker_args]
 
 
 def run_launched(cfg: RunConfig, plan: ProcessPlan, work_dir: Path, prep_manifest: dict[str, Any],
-                 callbacks: list[Any]) -> dict[str, Any]:
+                 callbacks: list[Any], devices: dict[str, str] | None = None) -> dict[str, Any] | None:
     """Starts the training processes and waits for them, relaying their progress to `callbacks`
     (Trainer callbacks living in this process) and their output to the log; returns the main
-    process's manifest fields."""
+    process's manifest fields (None on a machine other than machine 0, whose processes are not the
+    main one). `devices`: the environment naming the GPUs this job holds (`tasks.gpu_allocator`)."""
     from tasks.progress import PROGRESS_FILE, ProgressReplay
 
-    # A killed run's files: the replay must wait for this run's, and the result must be this run's.
-    (work_dir / PROGRESS_FILE).unlink(missing_ok=True)
-    (work_dir / TRAIN_RESULT).unlink(missing_ok=True)
+    main_machine = cfg.machine_rank == 0
+    if main_machine:
+        # A killed run's files: the replay must wait for this run's, and the result must be this run's.
+        (work_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        (work_dir / TRAIN_RESULT).unlink(missing_ok=True)
     atomic.write_json(work_dir / LAUNCH_INPUTS, {"prep": prep_manifest})
-    command = launch_command(cfg, plan, [str(work_dir)], free_port())
-    environment = {**os.environ, RUN_CONFIG_ENV: cfg.model_dump_json(), PARENT_PID_ENV: str(os.getpid())}
-    log.info("train: launching %d %s processes", plan.processes, plan.strategy.upper())
+    port = cfg.main_process_port or (free_port() if plan.machines == 1 else DEFAULT_MAIN_PROCESS_PORT)
+    command = launch_command(cfg, plan, [str(work_dir)], port)
+    environment = {**os.environ, **(devices or {}), RUN_CONFIG_ENV: cfg.model_dump_json(), PARENT_PID_ENV: str(os.getpid())}
+    where = f" ({plan.per_machine} on machine {cfg.machine_rank} of {plan.machines})" if plan.machines > 1 else ""
+    on_gpus = f" on GPU {devices['CUDA_VISIBLE_DEVICES']}" if devices else ""
+    what = f"{plan.processes} {plan.strategy.upper()} processes" if plan.launched else "1 process"
+    log.info("train: launching %s%s%s", what, where, on_gpus)
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     output: queue.Queue[str | None] = queue.Queue()
     tail: collections.deque[str] = collections.deque(maxlen=_OUTPUT_TAIL_LINES)
@@ -233,6 +281,8 @@ def run_launched(cfg: RunConfig, plan: ProcessPlan, work_dir: Path, prep_manifes
             "a re-run resumes from the last complete checkpoint. Last output:\n" + "\n".join(tail)
         )
     replay.finish()
+    if not main_machine:
+        return None
     try:
         return json.loads((work_dir / TRAIN_RESULT).read_text())
     except FileNotFoundError:

@@ -83,6 +83,7 @@ def estimate_peak_memory(
     cfg: RunConfig, model_config: dict[str, Any], processes: int = 1, zero_stage: int | None = None
 ) -> dict[str, float]:
     """Peak GPU memory of one of `processes` training processes for `cfg`, by part, in GB.
+    `processes` counts every machine's (the world size): sharding spreads across all of them.
 
     - `weights`: the base model. LoRA holds every weight in the compute dtype (bf16 with `bf16`,
       else fp32). QLoRA holds the decoder's linear layers in nf4 (double quant) and the rest
@@ -169,7 +170,8 @@ def target_linear_modules(targets: list[str] | str) -> list[str]:
 def describe_estimate(cfg: RunConfig, breakdown: dict[str, float], gpus: list[GpuInfo], processes: int = 1) -> list[str]:
     """Lines for `loraflow validate`: the breakdown, and a warning when the peak exceeds the smallest visible GPU."""
     chosen = "with" if cfg.gradient_checkpointing else "without"  # what the peak counts
-    per_process = f" per process, {processes} processes" if processes > 1 else ""
+    machines = f" on {cfg.num_machines} machines" if cfg.num_machines > 1 else ""
+    per_process = f" per process, {processes} processes{machines}" if processes > 1 else ""
     gathered = f", one gathered layer {breakdown['gathered_layer']:.2f} GB" if breakdown["gathered_layer"] else ""
     lines = [
         f"estimated peak GPU memory: {breakdown['peak']:.1f} GB "
@@ -247,10 +249,13 @@ def hardware_problems(cfg: RunConfig, gpus: list[GpuInfo]) -> list[str]:
                 "remove `fsdp` and `fsdp_config`"
             )
         return problems
-    if cfg.num_processes and cfg.num_processes > len(gpus):
+    per_machine = (cfg.num_processes or 0) // cfg.num_machines
+    if per_machine > len(gpus):
+        machines = f" ({per_machine} on each of {cfg.num_machines} machines)" if cfg.num_machines > 1 else ""
+        each = " on each machine" if cfg.num_machines > 1 else ""
         problems.append(
-            f"`num_processes` {cfg.num_processes} but {len(gpus)} GPU(s) are visible; set num_processes: {len(gpus)} "
-            "or leave it unset (one process per visible GPU)"
+            f"`num_processes` {cfg.num_processes}{machines} but {len(gpus)} GPU(s) are visible; set num_processes: "
+            f"{len(gpus) * cfg.num_machines} or leave it unset (one process per visible GPU{each})"
         )
     old = [gpu for gpu in gpus if gpu.compute_capability < 8.0]
     if old:

@@ -22,7 +22,7 @@ from tasks.config_load import check_config
 from tasks.contracts import ContractError, load_contract
 from tasks.formats import DatasetError, check_source
 from tasks.gpus import visible_gpus
-from tasks.launch import deepspeed_problems, plan_processes
+from tasks.launch import deepspeed_problems, machine_problems, plan_processes
 from tasks.memory import hardware_problems
 
 
@@ -103,6 +103,15 @@ def check_model(checks: Checks) -> None:
 def check_hardware(checks: Checks) -> None:
     for problem in hardware_problems(checks.cfg, checks.gpus):
         checks.needs_gpu(problem)
+
+
+def check_machines(checks: Checks) -> None:
+    checks.problems.extend(machine_problems(checks.cfg))
+    if checks.cfg.num_machines > 1:
+        checks.notes.append(
+            f"{checks.cfg.num_machines} machines train together ({checks.processes} processes in all): start the same config "
+            "on each with its own LORAFLOW_MACHINE_RANK, on a state_dir every machine shares (deployments/README.md)"
+        )
 
 
 def check_flash_attention(checks: Checks) -> None:
@@ -219,7 +228,7 @@ def check_disk(checks: Checks) -> None:
 
 # Every preflight check, in the order its findings are listed.
 CHECKS: tuple[Callable[[Checks], None], ...] = (
-    check_datasets, check_model, check_hardware, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
+    check_datasets, check_model, check_hardware, check_machines, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
     check_quantization, check_optimizer, check_tokenizer_and_adapter_files, check_eval, check_disk,
 )
 

@@ -64,16 +64,23 @@ def free_port() -> int:
 @contextlib.contextmanager
 def managed_server(command: list[str], port: int, log_path: Path, startup_timeout: float, what: str = "model server") -> Iterator[str]:
     """Starts `command` (which must listen on `port`), waits for `/health`, yields the base URL
-    `http://127.0.0.1:PORT/v1`, and stops the process group on the way out, whatever happens."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
-    try:
-        _wait_until_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout, log_path, what)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        stop_process_group(process)
+    `http://127.0.0.1:PORT/v1`, and stops the process group on the way out, whatever happens.
+
+    On a host with GPUs the server holds one of them for this job while it runs (`tasks/gpu_allocator.py`),
+    waiting while other jobs hold them all, and sees only that one."""
+    from tasks.gpu_allocator import acquire, host_devices
+
+    devices = host_devices()
+    with acquire(1 if devices else 0, devices=devices, job=what) as lease:
+        environment = {**os.environ, **lease.environment(), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
+        try:
+            _wait_until_healthy(process, f"http://127.0.0.1:{port}/health", startup_timeout, log_path, what)
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            stop_process_group(process)
 
 
 def transformers_serve(log_path: Path, startup_timeout: float) -> contextlib.AbstractContextManager[str]:

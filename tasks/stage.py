@@ -13,8 +13,11 @@ content-addressed actions do.
 
 **One runner.** `run_stage`: reuse the output published under the key, else build it in
 `<key>.partial` under the key's lock and publish it (manifest last, directory renamed into place).
-`prefect_task` makes the Prefect task of any stage with the key as its cache key. A disk that fills
-during a build fails any stage the same way (`tasks.disk.DiskFullError`), publishing nothing.
+A stage several machines build together (`multi_node`: training with `num_machines`) is built
+by machine 0 as above; the others join its `<key>.partial` on the shared state_dir and return
+the manifest machine 0 publishes. `prefect_task` makes the Prefect task of any stage with the key
+as its cache key. A disk that fills during a build fails any stage the same way
+(`tasks.disk.DiskFullError`), publishing nothing.
 
 Each manifest carries `fingerprint` (its key), `key_parts` (hashes of what went into the key)
 and `output_digest`. `<state_dir>/.latest/<stage>.json` remembers the last key parts, so a run can
@@ -35,6 +38,7 @@ from typing import Any
 
 from tasks import atomic, disk, store
 from tasks.config import RunConfig, stage_settings
+from tasks.errors import StageFailedError
 from tasks.fingerprint import FileHasher, code_version, hash_json
 
 log = logging.getLogger("loraflow.stage")
@@ -71,6 +75,9 @@ class Stage:
     report: str | None = None
     # Holds an accelerator while it runs: queued by the `gpu` tag's concurrency limit.
     uses_gpu: bool = False
+    # Built by `num_machines` machines together (training): machine 0 builds and publishes, the others
+    # join its build (`_join_machine_zero`).
+    multi_node: bool = False
     description: str = field(default="", compare=False)
 
     def settings(self, cfg: RunConfig) -> dict[str, Any]:
@@ -128,6 +135,8 @@ def run_stage(
     final_dir = store.stage_dir(cfg, stage.name, key)
     if (existing := store.read_manifest(final_dir)) is not None:
         return existing
+    if stage.multi_node and cfg.machine_rank > 0:
+        return _join_machine_zero(stage, cfg, upstream, final_dir, options)
     with store.build_lock(final_dir):
         if (existing := store.read_manifest(final_dir)) is not None:  # built by a run we waited for
             return existing
@@ -156,6 +165,24 @@ def run_stage(
             if not stage.resumable:  # nothing to resume from: give the space back now
                 shutil.rmtree(work_dir, ignore_errors=True)
             raise disk_full from error
+
+
+def _join_machine_zero(stage: Stage, cfg: RunConfig, upstream: Manifests, final_dir: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """Machine `machine_rank` > 0 of a stage several machines build together: builds alongside machine
+    0 in its working directory (a shared state_dir), without the key's lock (machine 0 holds it while
+    they build), and returns the manifest machine 0 publishes once they are done."""
+    work_dir = store.partial_dir(final_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    import_function(stage.build)(cfg, work_dir, {name: upstream[name] for name in stage.upstream}, **options)
+    deadline = time.monotonic() + cfg.ddp_timeout
+    while (manifest := store.read_manifest(final_dir)) is None:
+        if time.monotonic() > deadline:
+            raise StageFailedError(
+                f"{stage.name}: machine {cfg.machine_rank} finished its part, but machine 0 published nothing in {final_dir} "
+                f"within ddp_timeout ({cfg.ddp_timeout} s); see machine 0's log (is state_dir shared by every machine?)"
+            )
+        time.sleep(0.5)
+    return manifest
 
 
 def remember(cfg: RunConfig, manifest: dict[str, Any]) -> None:

@@ -80,7 +80,7 @@ def train_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
         # A warm start's adapter and a replaced model config decide the trained weights as much.
         **{name: hub.resolve(getattr(cfg, name), what=name).identity(hasher)
            for name in ("lora_model_dir", "base_model_config") if getattr(cfg, name)},
-        # The effective batch is per process: other process counts train another model.
+        # The effective batch is per process: other process counts (on all machines) train another model.
         "processes": plan_processes(cfg).processes,
         # The DeepSpeed JSON's content, not its path.
         "deepspeed": read_deepspeed_config(cfg) if cfg.deepspeed else None,
@@ -125,6 +125,7 @@ TRAIN = Stage(
                      "eval_perplexity": m["eval_perplexity"]},
     resumable=True,
     uses_gpu=True,
+    multi_node=True,
     description="LoRA / QLoRA on packed rows, resumable",
 )
 

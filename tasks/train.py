@@ -31,6 +31,7 @@ from tasks.checkpoints import CheckpointKeeper, StopOnSigterm, checkpoint_step, 
 from tasks.config import RunConfig
 from tasks.errors import StageFailedError
 from tasks.fingerprint import FileHasher
+from tasks.gpu_allocator import GpuLease, acquire, host_devices
 from tasks.gpus import visible_gpus
 from tasks.launch import plan_processes, run_launched, zero_stage
 from tasks.memory import GPU_ONLY_OPTIMIZERS, out_of_memory_advice, read_model_config
@@ -58,21 +59,34 @@ class TrainingOutOfMemoryError(TrainError):
     """Training ran out of memory; the message lists the settings that lower the peak."""
 
 
-def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any], callbacks: list[Any] | None = None) -> dict[str, Any]:
+def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any], callbacks: list[Any] | None = None) -> dict[str, Any] | None:
     """The train stage: trains (resuming when a killed run left checkpoints in `work_dir`) and
-    returns the manifest fields. Trains here, or in processes started with `accelerate launch`."""
+    returns the manifest fields (None on a machine other than machine 0, which only joins).
+
+    Trains here, or in processes started with `accelerate launch`, on GPUs this job holds
+    (`tasks/gpu_allocator.py`: as many as it starts processes on this machine, waiting while other
+    jobs hold them). A job holding every visible GPU trains as before; one holding some of them
+    trains in child processes that see only those."""
     if cfg.optimizer in GPU_ONLY_OPTIMIZERS and not visible_gpus():
         raise TrainError(f"`optimizer: {cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
     checkpoint_root = work_dir / CHECKPOINTS
     checkpoint_root.mkdir(parents=True, exist_ok=True)
-    prepare_resume(checkpoint_root)
+    if cfg.machine_rank == 0:  # the other machines join this one's run: it alone tidies the checkpoints
+        prepare_resume(checkpoint_root)
     callbacks = [*(callbacks or []), *_prefect_progress(cfg)]
     plan = plan_processes(cfg)
-    if not plan.launched:
-        result = train_in_process(cfg, work_dir, upstream["prep"], callbacks)
-        assert result is not None  # a single process is the main process
-        return result
-    return run_launched(cfg, plan, work_dir, upstream["prep"], callbacks)
+    with hold_gpus(cfg, plan.per_machine) as lease:
+        if not plan.launched and lease.devices == tuple(gpu.index for gpu in visible_gpus()):
+            result = train_in_process(cfg, work_dir, upstream["prep"], callbacks)
+            assert result is not None  # a single process is the main process
+            return result
+        return run_launched(cfg, plan, work_dir, upstream["prep"], callbacks, lease.environment())
+
+
+def hold_gpus(cfg: RunConfig, processes: int) -> GpuLease:
+    """One GPU per training process on this machine, for this job alone (none on a host without GPUs)."""
+    devices = host_devices()
+    return acquire(processes if devices else 0, devices=devices, job=f"{cfg.name} train")
 
 
 def _prefect_progress(cfg: RunConfig) -> list[Any]:
@@ -151,6 +165,7 @@ def train_in_process(cfg: RunConfig, work_dir: Path, prep_manifest: dict[str, An
         return None
     # The Trainer's pickled arguments: not part of an adapter, and adapter-only export copies the folder.
     (work_dir / ADAPTER / "training_args.bin").unlink(missing_ok=True)
+    sort_target_modules(work_dir / ADAPTER)
     tokenizer.save_pretrained(work_dir / ADAPTER)
     records = metric_records(trainer.state.log_history)
     atomic.write_jsonl(work_dir / METRICS, records)
@@ -185,6 +200,18 @@ def train_in_process(cfg: RunConfig, work_dir: Path, prep_manifest: dict[str, An
         f"{eval_loss:.4f}" if eval_loss is not None else "n/a",
     )
     return manifest
+
+
+def sort_target_modules(adapter_dir: Path) -> None:
+    """peft writes `target_modules` from a set, in an order that changes with each process's string
+    hash seed: sorted, the same adapter has the same bytes (and adapter_sha256) whichever process saved it."""
+    import json
+
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        atomic.write_text(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def final_evaluation(trainer: Any) -> dict[str, Any]:
