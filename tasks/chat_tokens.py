@@ -12,6 +12,7 @@ learns to stop.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +68,7 @@ class ChatEncoder:
     eos_token_id: int
     _skeletons: dict[tuple[str, ...], _Skeleton | None] = field(default_factory=dict, repr=False)
     _compiled: Any = field(default=None, repr=False)
+    _special_pattern: Any = field(default=None, repr=False)
 
     @classmethod
     def of(cls, tokenizer: Any) -> ChatEncoder:
@@ -81,7 +83,7 @@ class ChatEncoder:
                    tuple(tokenizer.all_special_tokens), tokenizer.eos_token_id)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_skeletons": {}, "_compiled": None}
+        return {**self.__dict__, "_skeletons": {}, "_compiled": None, "_special_pattern": None}
 
     def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
         if self.chat_template is None:
@@ -292,7 +294,10 @@ def tokenize_segments(tokenizer: Any, segments: list[dict[str, Any]], train_on_i
 
 
 def _refuse_special_tokens(encoder: ChatEncoder, texts: list[str]) -> None:
-    for special in encoder.special_tokens:
-        for text in texts:
-            if special in text:
-                raise ContentError(f"content holds the special token {special!r} as text; remove or escape it")
+    # One regular expression of every special token (Llama 3 has 256): one scan per text.
+    if encoder._special_pattern is None:
+        encoder._special_pattern = re.compile("|".join(re.escape(token) for token in sorted(encoder.special_tokens, key=len, reverse=True))
+                                              or r"(?!)")
+    for text in texts:
+        if found := encoder._special_pattern.search(text):
+            raise ContentError(f"content holds the special token {found.group()!r} as text; remove or escape it")
