@@ -124,7 +124,12 @@ def run_stage(cfg: RunConfig, stage: Stage, upstream: dict[str, dict | None], pl
         refresh_cache=not already_done, retries=getattr(cfg.retries, stage.name), retry_delay_seconds=cfg.retries.delay_seconds,
         timeout_seconds=timeout,
     )
-    state = task(cfg, key, upstream, return_state=True)
+    if cfg.ray is not None:
+        from flows.ray_cluster import run_on_cluster
+
+        state = run_on_cluster(task, cfg, stage, key, upstream)
+    else:
+        state = task(cfg, key, upstream, return_state=True)
     try:
         if state.is_failed() and isinstance(error := state.result(raise_on_failure=False), TimeoutError) and timeout:
             raise StageTimeoutError(
@@ -185,11 +190,15 @@ def smoke_config(cfg: RunConfig, rows: int) -> RunConfig:
 @flow(name="loraflow-pipeline", flow_run_name=_run_name, log_prints=True)
 def pipeline(
     config_path: str, only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None,
-    smoke_rows: int | None = None,
+    smoke_rows: int | None = None, ray_address: str | None = None,
 ) -> dict:
     cfg = checked_config(config_path)
     if smoke_rows:
         cfg = smoke_config(cfg, smoke_rows)
+    if cfg.ray is not None or ray_address:
+        from flows.ray_cluster import on_ray
+
+        cfg = on_ray(cfg, ray_address)
     plan = StagePlan.build(only, start_from, refresh)
     hasher = FileHasher(Path(cfg.state_dir) / "file-hashes.json")
 

@@ -31,6 +31,7 @@ from tasks.config_sections import (  # noqa: E402
     FsdpConfig,
     LoraBlock,
     NotifyConfig,
+    RaySettings,
     RetrySettings,
     ScheduleConfig,
     SpecialTokens,
@@ -223,6 +224,7 @@ class RunConfig(StrictModel):
     retries: RetrySettings = Field(default_factory=RetrySettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     notify: NotifyConfig | None = Field(None, description="Alerts on failed / not promoted / promoted / budget events.")
+    ray: RaySettings | None = Field(None, description="Run the stages on a Ray cluster (`loraflow run --ray ADDRESS` sets it).")
 
     @model_validator(mode="after")
     def _apply_lora_block(self) -> RunConfig:
@@ -350,7 +352,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # what they resolve to (tasks/stages.py), never the string.
     "none": ("name", "base_model", "revision_of_model", "base_model_config", "tokenizer_config", "lora_model_dir",
              "output_dir", "state_dir", "schedule", "timeouts", "ddp_timeout",
-             "retries", "report_to", "tracking_env", "notify"),
+             "retries", "report_to", "tracking_env", "notify", "ray"),
 }
 
 

@@ -91,9 +91,14 @@ class ProcessPlan:
 
 
 def plan_processes(cfg: RunConfig, gpus: list[GpuInfo] | None = None) -> ProcessPlan:
-    """`num_processes`, else one process per visible GPU (one on a CPU)."""
-    gpus = visible_gpus() if gpus is None else gpus
-    processes = cfg.num_processes or max(1, len(gpus))
+    """`num_processes`, else one process per visible GPU (one on a CPU). On a Ray cluster (`ray:`),
+    `num_processes` or one: the machine that plans (and keys) the stage is not the one that trains,
+    and Ray gives the train task as many GPUs as this plan has processes."""
+    if cfg.ray is not None:
+        processes = cfg.num_processes or 1
+    else:
+        gpus = visible_gpus() if gpus is None else gpus
+        processes = cfg.num_processes or max(1, len(gpus))
     if cfg.deepspeed:
         return ProcessPlan(processes, "deepspeed")
     if cfg.fsdp_config is not None:
