@@ -266,3 +266,62 @@ def _holds_open(pid: int, path: Path) -> bool:
         return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
     except OSError:
         return False
+
+
+# --- the pieces, without a cluster -----------------------------------------------------------------
+
+
+def _ray_config(tmp_path: Path, text: str):
+    from tasks.config_load import load_config
+
+    (tmp_path / "rows.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    path = tmp_path / "run.yaml"
+    path.write_text(f"base_model: models/tiny\ndatasets:\n  - path: {tmp_path / 'rows.jsonl'}\n" + text)
+    return load_config(path)
+
+
+def test_axolotl_ray_keys_become_the_ray_section(tmp_path):
+    cfg = _ray_config(tmp_path, "use_ray: true\nray_num_workers: 4\nresources_per_worker:\n  GPU: 1\n  CPU: 2\n"
+                                "  accelerator_type:A100: 0.001\nray_run_name: sft\n")
+    assert cfg.ray is not None and cfg.ray.address is None and cfg.ray.gpus is True
+    assert cfg.num_processes == 4 and cfg.ray.cpus.train == 2 and cfg.ray.resources == {"accelerator_type:A100": 0.001}
+    assert any("`ray_num_workers`: -> num_processes: 4" in note for note in cfg.notes)
+    # Off: the ray_* keys change nothing.
+    off = _ray_config(tmp_path, "use_ray: false\nray_num_workers: 4\n")
+    assert off.ray is None and off.num_processes is None
+    from tasks.config import ConfigError
+
+    with pytest.raises(ConfigError, match="one process per GPU"):
+        _ray_config(tmp_path, "use_ray: true\nresources_per_worker:\n  GPU: 2\n")
+
+
+def test_stage_resources_follow_the_process_plan(tmp_path):
+    from flows.ray_cluster import on_ray, stage_options
+    from tasks.gpus import GpuInfo
+    from tasks.launch import plan_processes
+    from tasks.stages import STAGES
+
+    gpu_cfg = on_ray(_ray_config(tmp_path, "num_processes: 2\nretries:\n  train: 3\nray:\n  gpus: true\n  resources:\n    fast: 0.5\n"))
+    # The machine that plans has 8 GPUs; the train task gets what it plans, from Ray.
+    eight = [GpuInfo(index, "H100", 80.0, 9.0) for index in range(8)]
+    assert plan_processes(gpu_cfg, eight).processes == 2
+    assert stage_options(gpu_cfg, STAGES["train"]) == {"max_retries": 3, "num_cpus": 2, "num_gpus": 2, "resources": {"fast": 1.0}}
+    assert stage_options(gpu_cfg, STAGES["prep"]) == {"max_retries": 0, "num_cpus": 1, "num_gpus": 0}
+    assert stage_options(gpu_cfg, STAGES["eval"])["num_gpus"] == 1
+    cpu_cfg = on_ray(_ray_config(tmp_path, "ray:\n  gpus: false\n  cpus:\n    train: 2\n"))
+    assert plan_processes(cpu_cfg, eight).processes == 1
+    assert stage_options(cpu_cfg, STAGES["train"]) == {"max_retries": 0, "num_cpus": 2, "num_gpus": 0}
+
+
+def test_state_dir_is_made_absolute_and_one_cluster_per_run(tmp_path, monkeypatch):
+    from flows.ray_cluster import RayClusterError, RaySettingsError, check_api_reachable, cluster_address, on_ray
+
+    monkeypatch.chdir(tmp_path)
+    cfg = on_ray(_ray_config(tmp_path, "state_dir: state\n"), "10.0.0.5:6379")
+    assert cfg.state_dir == str(tmp_path / "state") and cfg.ray.address == "10.0.0.5:6379"
+    other = on_ray(_ray_config(tmp_path, "ray:\n  address: 10.0.0.6:6379\n"))
+    with pytest.raises(RaySettingsError, match="different Ray clusters"):
+        cluster_address([cfg, other])
+    check_api_reachable("http://127.0.0.1:4200/api", ["127.0.0.1"])  # a cluster on this machine: fine
+    with pytest.raises(RayClusterError, match="PREFECT_API_URL"):
+        check_api_reachable("http://127.0.0.1:4200/api", ["127.0.0.1", "10.0.0.7"])
