@@ -35,7 +35,7 @@ def run_one(
     ray_address: str | None = None,
 ) -> PipelineOutcome:
     flow = pipeline
-    if ray_address is not None or checked_config(config).ray is not None:
+    if ray_address is not None or checked_config(config, on_ray=ray_address is not None).ray is not None:
         from flows.ray_cluster import task_runner
 
         flow = pipeline.with_options(task_runner=task_runner())
@@ -53,7 +53,7 @@ def run_one(
             exit_code = 1
         return PipelineOutcome(config, None, None, f"{state.name}: {state.message}", exit_code)
     summary = state.result()
-    output_dir = Path(checked_config(config).output_dir) / ("smoke" if smoke_rows else "")
+    output_dir = Path(checked_config(config, on_ray=ray_address is not None).output_dir) / ("smoke" if smoke_rows else "")
     return PipelineOutcome(config, summary, output_dir / SUMMARY, None)
 
 
@@ -67,7 +67,8 @@ def run_pipelines(
         if on_ray:
             from flows.ray_cluster import connected, on_ray
 
-            stack.enter_context(connected([on_ray(checked_config(config), ray_address) for config in configs]))
+            cfgs = [on_ray(checked_config(config, on_ray=ray_address is not None), ray_address) for config in configs]
+            stack.enter_context(connected(cfgs))
             max_parallel = len(configs)  # Ray queues the stages on the cluster's resources
         if len(configs) == 1:
             return [run_one(configs[0], only, start_from, refresh, smoke_rows, ray_address)]

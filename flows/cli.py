@@ -115,7 +115,8 @@ def run(
 
     for config in configs:
         try:
-            cfg = checked_config(config)  # the flow gets this same object back: loaded and checked once per run
+            # The flow gets this same object back: loaded and checked once per run.
+            cfg = checked_config(config, on_ray=ray_address is not None)
         except LoraflowError as error:
             print(f"error: {error}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None

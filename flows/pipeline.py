@@ -80,19 +80,20 @@ class StagePlan:
         return any(outcome.stage == stage and outcome.state == "ran" for outcome in self.outcomes)
 
 
-def checked_config(config_path: str | Path) -> RunConfig:
+def checked_config(config_path: str | Path, on_ray: bool = False) -> RunConfig:
     """The config, loaded and preflighted once per process and file content: the CLI checks it
-    before starting Prefect, and the flow (also run by deployments) gets the same object back."""
+    before starting Prefect, and the flow (also run by deployments) gets the same object back.
+    `on_ray` (`--ray`, or the config's `ray:` section): the GPUs are the cluster's, not this machine's."""
     path = Path(config_path).resolve()
-    return _checked_config(path, hash_bytes(path.read_bytes()) if path.is_file() else "")
+    return _checked_config(path, hash_bytes(path.read_bytes()) if path.is_file() else "", on_ray)
 
 
 @functools.lru_cache(maxsize=32)
-def _checked_config(path: Path, content_hash: str) -> RunConfig:
+def _checked_config(path: Path, content_hash: str, on_ray: bool) -> RunConfig:
     from tasks.preflight import preflight
 
     cfg = load_config(path)
-    for note in preflight(cfg, path):
+    for note in preflight(cfg, path, gpus_elsewhere=on_ray or cfg.ray is not None):
         log.info("note: %s", note)
     return cfg
 
@@ -192,7 +193,7 @@ def pipeline(
     config_path: str, only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None,
     smoke_rows: int | None = None, ray_address: str | None = None,
 ) -> dict:
-    cfg = checked_config(config_path)
+    cfg = checked_config(config_path, on_ray=ray_address is not None)
     if smoke_rows:
         cfg = smoke_config(cfg, smoke_rows)
     if cfg.ray is not None or ray_address:

@@ -325,3 +325,17 @@ def test_state_dir_is_made_absolute_and_one_cluster_per_run(tmp_path, monkeypatc
     check_api_reachable("http://127.0.0.1:4200/api", ["127.0.0.1"])  # a cluster on this machine: fine
     with pytest.raises(RayClusterError, match="PREFECT_API_URL"):
         check_api_reachable("http://127.0.0.1:4200/api", ["127.0.0.1", "10.0.0.7"])
+
+
+def test_gpu_checks_wait_for_the_cluster_when_no_gpu_is_visible_here(tmp_path, tiny_model_dir):
+    from tasks.config import ConfigError
+    from tasks.gpus import visible_gpus
+    from tasks.preflight import preflight
+
+    if visible_gpus():
+        pytest.skip("checks what a machine without a GPU says")
+    cfg = _ray_config(tmp_path, "optimizer: adamw_bnb_8bit\n").model_copy(update={"base_model": str(tiny_model_dir)})
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        preflight(cfg)
+    notes = preflight(cfg, gpus_elsewhere=True)
+    assert any("the stages run on the Ray cluster" in note and "optimizer" in note for note in notes), notes
