@@ -62,9 +62,9 @@ def run_pipelines(
     smoke_rows: int | None = None, ray_address: str | None = None,
 ) -> list[PipelineOutcome]:
     refresh = refresh or []
-    on_ray = ray_address is not None or any(checked_config(config).ray is not None for config in configs)
+    ray_run = ray_address is not None or any(checked_config(config).ray is not None for config in configs)
     with contextlib.ExitStack() as stack:
-        if on_ray:
+        if ray_run:
             from flows.ray_cluster import connected, on_ray
 
             cfgs = [on_ray(checked_config(config, on_ray=ray_address is not None), ray_address) for config in configs]
