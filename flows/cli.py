@@ -102,6 +102,11 @@ def run(
     max_parallel: int = typer.Option(1, "--max-parallel", min=1, help="Pipelines running at once."),
     smoke: bool = typer.Option(False, "--smoke", help="A first try: the first rows, a few steps, a small eval, in its own state."),
     smoke_rows: int = typer.Option(200, "--smoke-rows", min=1, help="Rows of each source read by --smoke."),
+    ray_address: str | None = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Run the stages on this Ray cluster (HOST:PORT of the head, ray://HOST:10001 or auto); every pipeline at once. "
+        "state_dir must be on storage every node sees.",
+    ),
 ) -> None:
     """Run the pipeline; stages whose inputs did not change come back cached."""
     server = _start_ephemeral_server()
@@ -110,7 +115,8 @@ def run(
 
     for config in configs:
         try:
-            cfg = checked_config(config)  # the flow gets this same object back: loaded and checked once per run
+            # The flow gets this same object back: loaded and checked once per run.
+            cfg = checked_config(config, on_ray=ray_address is not None)
         except LoraflowError as error:
             print(f"error: {error}", file=sys.stderr)
             raise typer.Exit(error.exit_code) from None
@@ -119,9 +125,14 @@ def run(
         server.join()
 
     started = time.monotonic()
-    outcomes = run_pipelines(
-        configs, only=only, start_from=start_from, refresh=refresh, max_parallel=max_parallel, smoke_rows=smoke_rows if smoke else None
-    )
+    try:
+        outcomes = run_pipelines(
+            configs, only=only, start_from=start_from, refresh=refresh, max_parallel=max_parallel, smoke_rows=smoke_rows if smoke else None,
+            ray_address=ray_address,
+        )
+    except LoraflowError as error:  # the Ray cluster cannot run them (flows/ray_cluster.py)
+        print(f"error: {error}", file=sys.stderr)
+        raise typer.Exit(error.exit_code) from None
     for outcome in outcomes:
         if outcome.summary is not None:
             _print_summary(outcome.summary)

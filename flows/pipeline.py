@@ -80,19 +80,20 @@ class StagePlan:
         return any(outcome.stage == stage and outcome.state == "ran" for outcome in self.outcomes)
 
 
-def checked_config(config_path: str | Path) -> RunConfig:
+def checked_config(config_path: str | Path, on_ray: bool = False) -> RunConfig:
     """The config, loaded and preflighted once per process and file content: the CLI checks it
-    before starting Prefect, and the flow (also run by deployments) gets the same object back."""
+    before starting Prefect, and the flow (also run by deployments) gets the same object back.
+    `on_ray` (`--ray`, or the config's `ray:` section): the GPUs are the cluster's, not this machine's."""
     path = Path(config_path).resolve()
-    return _checked_config(path, hash_bytes(path.read_bytes()) if path.is_file() else "")
+    return _checked_config(path, hash_bytes(path.read_bytes()) if path.is_file() else "", on_ray)
 
 
 @functools.lru_cache(maxsize=32)
-def _checked_config(path: Path, content_hash: str) -> RunConfig:
+def _checked_config(path: Path, content_hash: str, on_ray: bool) -> RunConfig:
     from tasks.preflight import preflight
 
     cfg = load_config(path)
-    for note in preflight(cfg, path):
+    for note in preflight(cfg, path, gpus_elsewhere=on_ray or cfg.ray is not None):
         log.info("note: %s", note)
     return cfg
 
@@ -124,7 +125,12 @@ def run_stage(cfg: RunConfig, stage: Stage, upstream: dict[str, dict | None], pl
         refresh_cache=not already_done, retries=getattr(cfg.retries, stage.name), retry_delay_seconds=cfg.retries.delay_seconds,
         timeout_seconds=timeout,
     )
-    state = task(cfg, key, upstream, return_state=True)
+    if cfg.ray is not None:
+        from flows.ray_cluster import run_on_cluster
+
+        state = run_on_cluster(task, cfg, stage, key, upstream)
+    else:
+        state = task(cfg, key, upstream, return_state=True)
     try:
         if state.is_failed() and isinstance(error := state.result(raise_on_failure=False), TimeoutError) and timeout:
             raise StageTimeoutError(
@@ -185,11 +191,15 @@ def smoke_config(cfg: RunConfig, rows: int) -> RunConfig:
 @flow(name="loraflow-pipeline", flow_run_name=_run_name, log_prints=True)
 def pipeline(
     config_path: str, only: str | None = None, start_from: str | None = None, refresh: list[str] | None = None,
-    smoke_rows: int | None = None,
+    smoke_rows: int | None = None, ray_address: str | None = None,
 ) -> dict:
-    cfg = checked_config(config_path)
+    cfg = checked_config(config_path, on_ray=ray_address is not None)
     if smoke_rows:
         cfg = smoke_config(cfg, smoke_rows)
+    if cfg.ray is not None or ray_address:
+        from flows.ray_cluster import on_ray
+
+        cfg = on_ray(cfg, ray_address)
     plan = StagePlan.build(only, start_from, refresh)
     hasher = FileHasher(Path(cfg.state_dir) / "file-hashes.json")
 

@@ -244,10 +244,6 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
     "gradio_server_port": notice("no Gradio UI; eval serves the model with `transformers serve`"),
     "gradio_max_new_tokens": notice("no Gradio UI; eval serves the model with `transformers serve`"),
     "gradio_temperature": notice("no Gradio UI; eval serves the model with `transformers serve`"),
-    "use_ray": notice("Ray is reached through Prefect (`prefect-ray`), not Axolotl's launcher"),
-    "ray_run_name": notice("Ray is reached through Prefect (`prefect-ray`), not Axolotl's launcher"),
-    "ray_num_workers": notice("Ray is reached through Prefect (`prefect-ray`), not Axolotl's launcher"),
-    "resources_per_worker": notice("Ray is reached through Prefect (`prefect-ray`), not Axolotl's launcher"),
     # preference and reward training
     "rl": reject("preference tuning (`rl`) is not supported; loraflow does supervised fine-tuning"),
     "reward_model": reject("reward modelling is not supported; loraflow does supervised fine-tuning"),
@@ -461,7 +457,7 @@ TRANSLATED_KEYS = (
     "hf_mlflow_log_artifacts", "use_tensorboard", "plugins", *LIGER_KEYS, "sdp_attention", "flex_attention",
     "eager_attention", "model_type", "type_of_model", "tokenizer_type", "dataset_prepared_path",
     "resume_from_checkpoint", "auto_resume_from_checkpoints", "pad_to_sequence_len", "eval_sample_packing",
-    "group_by_length", "model_revision",
+    "group_by_length", "model_revision", "use_ray", "ray_num_workers", "resources_per_worker", "ray_run_name",
 )
 DATASET_TRANSLATED_KEYS = (
     "message_field_role", "message_field_content", "name", "data_files", "chat_template", "chat_template_jinja", "roles",
@@ -488,7 +484,7 @@ def translate(
         )
     for step in (_precision, _lora_targets, _checkpoint_and_eval_schedule, _optimizer, _gradient_checkpointing,
                  _reporting, _kernels, _attention, _model_classes, _pipeline_notices, _datasets, _chat_template_name,
-                 _batch_and_warmup, _model_loading, _fsdp, _rules):
+                 _batch_and_warmup, _model_loading, _fsdp, _ray, _rules):
         step(result, gpu_capabilities)
     result.problems = _one_problem_per_reason(result.problems)
     return result
@@ -928,6 +924,42 @@ def _fsdp(result: Translation, _: Any) -> None:
         if field_name != key:
             result.renamed[f"fsdp_config.{field_name}"] = f"fsdp_config.{key}"
     result.raw["fsdp_config"] = renamed
+
+
+def _ray(result: Translation, _: Any) -> None:
+    """Axolotl's Ray Train keys: `use_ray: true` runs the stages on Ray (our `ray:` section, on the
+    cluster `ray.init()` finds), `ray_num_workers` is the number of training processes and
+    `resources_per_worker` what each asks Ray for."""
+    raw = result.raw
+    use_ray = raw.pop("use_ray", None)
+    settings = {key: raw.pop(key) for key in ("ray_num_workers", "resources_per_worker", "ray_run_name") if key in raw}
+    if use_ray is not True:
+        if settings:
+            _say(result, next(iter(settings)), "`use_ray` is off, so the ray_* settings change nothing")
+        return
+    ray = raw["ray"] = dict(raw.get("ray") or {})
+    _say(result, "use_ray", "each stage runs as a Ray task through prefect-ray, on the cluster `ray.init()` finds (RAY_ADDRESS, "
+         "one running on this machine, or a new local one); `ray.address` or `loraflow run --ray ADDRESS` names another")
+    workers = settings.get("ray_num_workers")
+    if workers is not None:
+        if raw.get("num_processes", workers) != workers:
+            result.problems.append(f"`ray_num_workers: {workers}` and `num_processes: {raw['num_processes']}` disagree; keep one")
+        raw["num_processes"] = workers
+        _say(result, "ray_num_workers", f"-> num_processes: {workers}, in one Ray task on one node (Axolotl's Ray Train can "
+             "spread its workers over nodes)")
+    resources = dict(settings.get("resources_per_worker") or {})
+    gpus, cpus = resources.pop("GPU", None), resources.pop("CPU", None)
+    if gpus is not None and gpus not in (0, 1):
+        _refuse(result, "resources_per_worker", f"GPU: {gpus} asks for {gpus} GPUs per worker and loraflow trains one process "
+                "per GPU; use GPU: 1 (or 0 to train on CPUs) and set `ray_num_workers` to the GPU count")
+    elif gpus is not None:
+        ray.setdefault("gpus", gpus == 1)
+    if cpus is not None:
+        ray["cpus"] = {"train": cpus, **(ray.get("cpus") or {})}
+    if resources:
+        ray["resources"] = {**resources, **(ray.get("resources") or {})}
+    if "ray_run_name" in settings:
+        _say(result, "ray_run_name", "flow runs and artifacts are named by `name`, and outputs go to `output_dir`")
 
 
 def _rules(result: Translation, _: Any) -> None:

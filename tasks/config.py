@@ -37,6 +37,7 @@ from tasks.config_sections import (  # noqa: E402
     FsdpConfig,
     LoraBlock,
     NotifyConfig,
+    RaySettings,
     RetrySettings,
     ScheduleConfig,
     SpecialTokens,
@@ -252,6 +253,7 @@ class RunConfig(StrictModel):
     retries: RetrySettings = Field(default_factory=RetrySettings)
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     notify: NotifyConfig | None = Field(None, description="Alerts on failed / not promoted / promoted / budget events.")
+    ray: RaySettings | None = Field(None, description="Run the stages on a Ray cluster (`loraflow run --ray ADDRESS` sets it).")
 
     @model_validator(mode="after")
     def _apply_lora_block(self) -> RunConfig:
@@ -380,7 +382,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     # what they resolve to (tasks/stages.py), never the string.
     "none": ("name", "base_model", "revision_of_model", "base_model_config", "tokenizer_config", "lora_model_dir",
              "output_dir", "state_dir", "schedule", "timeouts", "ddp_timeout", "machine_rank", "main_process_ip", "main_process_port",
-             "retries", "report_to", "tracking_env", "notify", "dataset_processes"),
+             "retries", "report_to", "tracking_env", "notify", "dataset_processes", "ray"),
 }
 
 

@@ -344,6 +344,38 @@ class RetrySettings(StrictModel):
     delay_seconds: float = Field(10.0, ge=0)
 
 
+class RayStageCpus(StrictModel):
+    """CPUs each stage's Ray task asks for (train: per training process)."""
+
+    prep: float = Field(1, gt=0)
+    train: float = Field(1, gt=0)
+    eval: float = Field(1, gt=0)
+    export: float = Field(1, gt=0)
+
+
+class RaySettings(StrictModel):
+    """Runs the pipeline's stages on a Ray cluster through prefect-ray (`loraflow run --ray ADDRESS`
+    sets this section). Each stage is one Ray task with its own resources; `state_dir` must be on
+    storage every node mounts at the same path (checked when the run connects)."""
+
+    address: str | None = Field(
+        None, description="The cluster: `HOST:PORT` of the head (6379 by default), `ray://HOST:10001` (Ray Client) or `auto`; "
+        "unset: RAY_ADDRESS, else a cluster running on this machine, else a new local one (as `ray.init()`).",
+    )
+    gpus: bool | None = Field(
+        None, description="Whether stages that use an accelerator ask Ray for GPUs (train: one per process; eval, export: one); "
+        "unset: when the cluster has any.",
+    )
+    cpus: RayStageCpus = Field(default_factory=RayStageCpus)
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each training process asks for (e.g. `accelerator_type:A100: 0.001`).",
+    )
+    env: list[str] = Field(
+        default_factory=list, description="More environment variables of `loraflow run` the Ray workers get (names; secrets are "
+        "better set on the nodes: a forwarded value is stored in the cluster's job table).",
+    )
+
+
 class LoraBlock(StrictModel):
     """PEFT-style nested `lora_config:`, accepted as an alias of the flat `lora_*` keys."""
 

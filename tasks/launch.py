@@ -105,9 +105,14 @@ class ProcessPlan:
 
 def plan_processes(cfg: RunConfig, gpus: list[GpuInfo] | None = None) -> ProcessPlan:
     """`num_processes` (all machines together), else one process per visible GPU (one on a CPU) on
-    each of `num_machines`."""
-    gpus = visible_gpus() if gpus is None else gpus
-    processes = cfg.num_processes or max(1, len(gpus)) * cfg.num_machines
+    each of `num_machines`. On a Ray cluster (`ray:`), `num_processes` or one: the machine that
+    plans (and keys) the stage is not the one that trains, and Ray gives the train task as many
+    GPUs as this plan has processes."""
+    if cfg.ray is not None:
+        processes = cfg.num_processes or 1
+    else:
+        gpus = visible_gpus() if gpus is None else gpus
+        processes = cfg.num_processes or max(1, len(gpus)) * cfg.num_machines
     if cfg.deepspeed:
         return ProcessPlan(processes, "deepspeed", cfg.num_machines)
     if cfg.fsdp_config is not None:

@@ -35,6 +35,8 @@ class Checks:
     cfg: RunConfig
     for_run: bool
     gpus: list[Any]
+    # The stages run on a Ray cluster: its nodes' GPUs count, not this machine's (none may be visible here).
+    gpus_elsewhere: bool
     model_config: dict | None
     processes: int
     # Why the model's config.json is not here (a hub id missing from the cache offline, a wrong path).
@@ -45,7 +47,7 @@ class Checks:
 
     def needs_gpu(self, problem: str) -> None:
         """A problem on this machine only because no GPU is visible: a note in `validate`."""
-        if self.gpus or self.for_run:
+        if self.gpus or (self.for_run and not self.gpus_elsewhere):
             self.problems.append(problem)
         else:
             self.skipped_gpu_checks.append(problem)
@@ -233,27 +235,28 @@ CHECKS: tuple[Callable[[Checks], None], ...] = (
 )
 
 
-def run_checks(cfg: RunConfig, *, for_run: bool = True) -> Checks:
+def run_checks(cfg: RunConfig, *, for_run: bool = True, gpus_elsewhere: bool = False) -> Checks:
     """Runs every check; returns what they found (problems and notes), never raises for a finding."""
     gpus = visible_gpus()
     model_config, model_missing = _read_model_config(cfg)
-    checks = Checks(cfg, for_run, gpus, model_config, plan_processes(cfg, gpus).processes, model_missing=model_missing)
+    checks = Checks(cfg, for_run, gpus, gpus_elsewhere, model_config, plan_processes(cfg, gpus).processes, model_missing=model_missing)
     for check in CHECKS:
         check(checks)
     checks.problems = list(dict.fromkeys(checks.problems))  # two checks may name the same setting
     if checks.skipped_gpu_checks:
         settings = dict.fromkeys(problem.split("`")[1].split(":")[0] for problem in checks.skipped_gpu_checks)
-        checks.notes.append("GPU checks skipped: no GPU is visible here, and this config needs one for: " + "; ".join(settings))
+        where = " (the stages run on the Ray cluster: its GPUs decide)" if gpus_elsewhere else ""
+        checks.notes.append(f"GPU checks skipped: no GPU is visible here{where}, and this config needs one for: " + "; ".join(settings))
     return checks
 
 
-def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bool = True) -> list[str]:
+def preflight(cfg: RunConfig, config_path: str | Path = "config", *, for_run: bool = True, gpus_elsewhere: bool = False) -> list[str]:
     """Raises ConfigError listing every problem; returns notes on checks that were skipped.
 
     With `for_run=False` (`loraflow validate`, e.g. of a GPU recipe on a laptop), a missing base
     model or a machine without a GPU skips the checks that need them, with a note, instead of failing.
     """
-    checks = run_checks(cfg, for_run=for_run)
+    checks = run_checks(cfg, for_run=for_run, gpus_elsewhere=gpus_elsewhere)
     if checks.problems:
         raise ConfigError(
             f"{config_path}: {len(checks.problems)} problem(s) found before running:\n" + "\n".join(f"  - {p}" for p in checks.problems)
