@@ -232,7 +232,9 @@ def prefect_task(stage: Stage) -> Any:
     from prefect import task
 
     def cache_key(context: Any, parameters: dict[str, Any]) -> str:
-        return f"loraflow-{stage.name}-{parameters['key']}"
+        # The state_dir too: the manifest names files there, and another state_dir may not hold them.
+        where = hash_json(str(Path(parameters["cfg"].state_dir).resolve()))[:12]
+        return f"loraflow-{stage.name}-{parameters['key']}-{where}"
 
     @task(name=stage.name, cache_key_fn=cache_key, persist_result=True, result_serializer="json", tags=["gpu"] if stage.uses_gpu else [],
           retry_condition_fn=retry_unless_final)
