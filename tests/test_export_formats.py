@@ -148,16 +148,18 @@ def test_gguf_flag_of_older_configs_is_a_format_and_adapter_only_refuses_formats
         lora.config(quantize=["nf4"], adapter_only=True)
 
 
-def test_gguf_without_a_converter_is_skipped_and_a_failing_converter_fails_the_stage(lora, tmp_path, monkeypatch):
-    from tasks.inference_formats import QuantizedExportError
+def test_gguf_without_a_converter_is_skipped_and_a_failing_converter_fails(lora, formats_export, tmp_path, monkeypatch):
+    from tasks.inference_formats import QuantizedExportError, export_formats
 
+    _, _, export_dir = formats_export
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # no .loraflow/tools here
-    manifest, _ = lora.export(lora.config(quantize=["gguf_f16"], verify_prompts=2))
-    record = manifest["formats"]["gguf_f16"]
-    assert record["status"] == "skipped" and "convert_hf_to_gguf.py), not found" in record["reason"]
+    # Skipped formats load nothing: no prompts or reference outputs are needed to get there.
+    records = export_formats(lora.config(quantize=["gguf_f16"]), export_dir / "model", tmp_path / "formats", None, [], None, [])
+    assert records["gguf_f16"]["status"] == "skipped" and "convert_hf_to_gguf.py), not found" in records["gguf_f16"]["reason"]
     converter = tmp_path / "convert_hf_to_gguf.py"
     converter.write_text("import sys\nprint('unsupported architecture: LlamaForCausalLM', file=sys.stderr)\nsys.exit(3)\n")
     with pytest.raises(QuantizedExportError, match=r"exit code 3(.|\n)*unsupported architecture"):
-        lora.export(lora.config(quantize=["gguf_f16"], gguf_converter=str(converter), verify_prompts=3))
+        export_formats(lora.config(quantize=["gguf_f16"], gguf_converter=str(converter)), export_dir / "model",
+                       tmp_path / "formats", None, [], None, [])
