@@ -13,7 +13,7 @@ QUICKSTART_DATA := examples/quickstart/finance_sentiment.jsonl
 TINY_MODEL_ZH := .loraflow/models/tiny-llama-zh
 QUICKSTART_ZH_DATA := examples/quickstart-zh/finance_sentiment_zh.jsonl examples/quickstart-zh/finance_analysis_zh.jsonl
 
-.PHONY: install quickstart quickstart-zh test lint
+.PHONY: install quickstart quickstart-zh test lint tools
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+# The export formats' tools (`export.quantize`), each in an environment of its own because each pins
+# versions loraflow does not use (tools/*.txt say which). An environment is layered over $(VENV)
+# (a .pth file: torch and the rest are shared) and holds only what differs: seconds, not a 2 GB venv.
+TOOLS := .loraflow/tools
+tools: $(TOOLS)/llmcompressor/.installed $(TOOLS)/gguf/.installed
+
+$(TOOLS)/%/.installed: tools/%.txt $(VENV)/.installed
+	rm -rf $(TOOLS)/$*
+	$(BIN)/python -m venv $(TOOLS)/$*
+	$(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(TOOLS)/$*/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz-loraflow-venv.pth"
+	$(TOOLS)/$*/bin/python -m pip install --quiet --no-deps -r tools/$*.txt
 	touch $@
 
 quickstart: install
@@ -35,7 +49,7 @@ quickstart-zh: install
 	$(BIN)/loraflow run configs/quickstart-zh.yaml
 	$(BIN)/loraflow run configs/quickstart-zh-analysis.yaml
 
-test: install
+test: install tools
 	$(BIN)/python -m pytest -q
 
 lint: install

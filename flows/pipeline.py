@@ -254,7 +254,7 @@ def write_run_summary(
         "train": pick(train_manifest, ("global_step", "train_loss", "eval_loss", "resumed_from_step")),
         "eval": eval_manifest["metrics"] if eval_manifest else None,
         "export_path": str(Path(cfg.output_dir) / "model") if export_manifest else None,
-        "export": pick(export_manifest, ("kind", "merge_dtype", "max_logit_diff", "weights_changed", "gguf")),
+        "export": pick(export_manifest, ("kind", "merge_dtype", "max_logit_diff", "weights_changed", "formats")),
         "loss_curve": str(store.output_dir(cfg, train_manifest) / train_manifest["loss_curve"]) if train_manifest else None,
         "promotion": pick(promotion, ("version", "promoted", "reason", "production", "production_before", "registry", "hub", "checks")),
         "trust_remote_code": cfg.trust_remote_code,

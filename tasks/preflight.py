@@ -165,6 +165,27 @@ def check_quantization(checks: Checks) -> None:
         )
 
 
+def check_export_formats(checks: Checks) -> None:
+    """`export.quantize`: a format needing a GPU, or a tool not installed here, fails a run now rather
+    than after training; `validate` notes it (the run may happen on another machine)."""
+    from tasks.inference_formats import FORMATS, QuantizedExportError, missing_piece
+
+    for name in checks.cfg.export.quantize:
+        try:
+            reason = missing_piece(name, checks.cfg.export, has_gpu=bool(checks.gpus))
+        except QuantizedExportError as error:  # a tool path that is set but wrong: wrong everywhere
+            checks.problems.append(str(error))
+            continue
+        if reason is None:
+            continue
+        if FORMATS[name].needs_gpu and not checks.gpus:
+            checks.needs_gpu(reason)
+        elif checks.for_run:
+            checks.problems.append(reason)
+        else:
+            checks.notes.append(f"not installed here: {reason}")
+
+
 def check_optimizer(checks: Checks) -> None:
     if checks.cfg.optimizer in GPU_ONLY_OPTIMIZERS and not checks.gpus:
         checks.needs_gpu(f"`optimizer: {checks.cfg.optimizer}` needs a CUDA GPU and none is visible; use `optimizer: adamw_torch`")
@@ -231,7 +252,7 @@ def check_disk(checks: Checks) -> None:
 # Every preflight check, in the order its findings are listed.
 CHECKS: tuple[Callable[[Checks], None], ...] = (
     check_datasets, check_model, check_hardware, check_machines, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
-    check_quantization, check_optimizer, check_tokenizer_and_adapter_files, check_eval, check_disk,
+    check_quantization, check_export_formats, check_optimizer, check_tokenizer_and_adapter_files, check_eval, check_disk,
 )
 
 

@@ -144,8 +144,8 @@ def register(root: Path, export_dir: Path, manifest: dict[str, Any]) -> tuple[Ve
     work = versions_dir / f".{name}.partial"
     work.mkdir()
     _link_tree(export_dir / manifest["model_dir"], work / MODEL)
-    if (export_dir / "gguf").is_dir():
-        _link_tree(export_dir / "gguf", work / "gguf")
+    if (export_dir / "formats").is_dir():  # export.quantize's inference formats
+        _link_tree(export_dir / "formats", work / "formats")
     record = {
         "version": name,
         "fingerprint": manifest["fingerprint"],

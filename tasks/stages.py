@@ -93,6 +93,17 @@ def model_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
     return {"base_model": hub.base_model(cfg).identity(hasher), "libraries": library_versions(MODEL_LIBRARIES)}
 
 
+# Libraries that read the inference formats back (their versions decide what the checks measure).
+FORMAT_LIBRARIES = ("compressed-tensors", "gguf")
+
+
+def export_inputs(cfg: RunConfig, hasher: FileHasher) -> dict[str, Any]:
+    inputs = model_inputs(cfg, hasher)
+    if cfg.export.quantize:
+        inputs["format_libraries"] = library_versions(FORMAT_LIBRARIES)
+    return inputs
+
+
 def without_timings(metrics: dict[str, Any]) -> dict[str, Any]:
     """Eval metrics less the wall-clock ones (latency): an eval re-run that gets the same answers
     must not re-export."""
@@ -152,12 +163,14 @@ EVAL = Stage(
 EXPORT = Stage(
     name="export",
     upstream=("prep", "train", "eval"),
-    code=("export", "merge", "model_card", "quantization"),
+    code=("export", "merge", "model_card", "quantization", "inference_formats", "format_workers"),
     build="tasks.export:build",
-    inputs=model_inputs,
-    # What happens after the export (the gate, the registry, the hub push on promotion), not its files.
-    settings_ignored=("export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env", "hub_model_id"),
-    reads=lambda m: {"model": m["model_sha256"]},
+    inputs=export_inputs,
+    # What happens after the export (the gate, the registry, the hub push on promotion), not its files;
+    # and where the format tools are installed (a location, not what they write).
+    settings_ignored=("export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env", "hub_model_id",
+                      "export.llmcompressor_python", "export.gguf_converter"),
+    reads=lambda m: {"model": m["model_sha256"], "formats": m.get("formats_sha256", {})},
     uses_gpu=True,
     description="adapter merged, verified, written with its model card",
 )

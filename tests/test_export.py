@@ -9,7 +9,7 @@
   which merging into the original weights would not;
 - verification refuses a model that is not the adapter model, and an all-zero adapter;
 - kill -9 mid-export leaves nothing partial where a reader looks, and the re-run succeeds;
-- GGUF: skipped with a message without the converter, a failing converter fails the stage.
+- inference formats (`export.quantize`, GGUF among them): tests/test_export_formats.py.
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from tasks import registry, store
 from tasks.config import ExportConfig, RunConfig
 from tasks.export import (
     LOGIT_TOLERANCE,
-    GGUFExportError,
     MergeVerificationError,
-    export_gguf,
     verify,
 )
 from tasks.fingerprint import FileHasher, hash_json
@@ -344,22 +342,6 @@ def test_kill_9_mid_export_leaves_nothing_partial_visible(lora, tmp_path):
     assert decision["promoted"] and decision["production"] == "v0001"
     assert not store.partial_dir(final_dir).exists()
     assert (root / "production" / "model" / "model.safetensors").is_file()
-
-
-def test_gguf_is_skipped_without_a_converter_and_a_failing_converter_fails(float32_export, tmp_path, monkeypatch):
-    _, export_dir = float32_export
-    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
-    monkeypatch.setenv("PATH", str(tmp_path))  # no convert_hf_to_gguf.py anywhere
-    skipped = export_gguf(ExportConfig(gguf=True), export_dir / "model", tmp_path / "gguf")
-    assert skipped["status"] == "skipped" and "convert_hf_to_gguf.py was not found" in skipped["reason"]
-    assert export_gguf(ExportConfig(), export_dir / "model", tmp_path / "gguf") == {"status": "off"}
-
-    with pytest.raises(GGUFExportError, match="not a file"):
-        export_gguf(ExportConfig(gguf=True, gguf_converter=str(tmp_path / "missing.py")), export_dir / "model", tmp_path / "gguf")
-    converter = tmp_path / "convert_hf_to_gguf.py"
-    converter.write_text("import sys\nprint('unsupported architecture: LlamaForCausalLM', file=sys.stderr)\nsys.exit(3)\n")
-    with pytest.raises(GGUFExportError, match=r"exit code 3(.|\n)*unsupported architecture"):
-        export_gguf(ExportConfig(gguf=True, gguf_converter=str(converter)), export_dir / "model", tmp_path / "gguf")
 
 
 def test_end_of_turn_ids_follow_the_chat_template(tiny_tokenizer):
