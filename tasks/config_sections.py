@@ -218,8 +218,13 @@ class ExportConfig(StrictModel):
     gguf_converter: str | None = Field(
         None, description="Path to llama.cpp's convert_hf_to_gguf.py; default: $LLAMA_CPP_DIR or the PATH."
     )
+    registry: Literal["local", "mlflow"] = Field(
+        "local", description="Where versions are kept: `local` (a folder, `registry_dir`) or `mlflow` (the MLflow model "
+        "registry at MLFLOW_TRACKING_URI, a registered model named after the config, aliases `production` and `previous`)."
+    )
     registry_dir: str | None = Field(
-        None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`."
+        None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`. With "
+        "`registry: mlflow`, a local cache (the writer lock, the gate's per-item scores)."
     )
     promote_if: list[PromoteCondition] = Field(
         default_factory=list, description="Conditions on eval metrics for a new version to become production (none: always)."

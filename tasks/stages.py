@@ -155,7 +155,8 @@ EXPORT = Stage(
     build="tasks.export:build",
     inputs=model_inputs,
     # What happens after the export (the gate, the registry, the hub push on promotion), not its files.
-    settings_ignored=("export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env", "hub_model_id"),
+    settings_ignored=("export.registry", "export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env",
+                      "hub_model_id"),
     reads=lambda m: {"model": m["model_sha256"]},
     uses_gpu=True,
     description="adapter merged, verified, written with its model card",
