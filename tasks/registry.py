@@ -31,8 +31,6 @@ import logging
 import os
 import re
 import shutil
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -43,6 +41,7 @@ from tasks import atomic, gate, significance
 from tasks.config import RunConfig
 from tasks.config_sections import PromoteCondition
 from tasks.errors import ServiceError, StageFailedError
+from tasks.serving import reachable
 
 log = logging.getLogger("loraflow.registry")
 
@@ -492,7 +491,7 @@ def push_to_hub(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
     later = f"push it later with `hf upload {cfg.hub_model_id} {model_dir}`"
     offline_flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if offline_flag or not _reachable(endpoint):
+    if offline_flag or not reachable(endpoint):
         why = "HF_HUB_OFFLINE is set" if offline_flag else f"{endpoint} is unreachable"
         message = f"push to {cfg.hub_model_id} skipped: {why}; {later}"
         log.warning(message)
@@ -515,16 +514,6 @@ def push_to_hub(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
         raise HubPushError(f"push of {model_dir} to {cfg.hub_model_id} failed: {error}; {later}") from error
     log.info("registry: pushed %s to %s", model_dir, cfg.hub_model_id)
     return {"status": "pushed", "repo": cfg.hub_model_id, "commit": getattr(commit, "oid", None)}
-
-
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def decision_markdown(decision: dict[str, Any]) -> str:

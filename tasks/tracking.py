@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import socket
 import urllib.parse
 from collections.abc import Callable, Iterator
 from importlib import util
@@ -36,6 +35,7 @@ from typing import Any
 
 from tasks import store
 from tasks.config import RunConfig
+from tasks.serving import reachable
 from tasks.stages import library_versions
 
 log = logging.getLogger("loraflow.tracking")
@@ -82,16 +82,6 @@ def preflight_problems(cfg: RunConfig) -> list[str]:
             problems.append("`report_to: wandb` online needs WANDB_API_KEY (or `wandb login`); "
                             "WANDB_MODE=offline logs to local files that `wandb sync` uploads later")
     return problems
-
-
-def reachable(url: str, timeout: float = 5.0) -> bool:
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def run_params(cfg: RunConfig) -> dict[str, str]:
