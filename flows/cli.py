@@ -194,6 +194,10 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
     if summary.get("loss_curve"):
         console.print(f"loss curve: {summary['loss_curve']}")
+    if comparison := (summary.get("pictures") or {}).get("comparison"):
+        console.print(f"base vs tuned: {comparison}")
+    for tracker, where in (summary.get("tracking") or {}).items():
+        console.print(f"{tracker}: {where}", markup=False)
     if promotion := summary.get("promotion"):
         console.print(f"{promotion['version']}: {promotion['reason']} (production: {promotion['production'] or 'none'})")
 

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, tags
 from prefect.runtime import flow_run
 
-from tasks import atomic, store
+from tasks import atomic, pictures, store, tracking
 from tasks.config import RunConfig
 from tasks.config_load import load_config
 from tasks.errors import ConfigFamilyError, StageFailedError
@@ -203,17 +203,25 @@ def pipeline(
     plan = StagePlan.build(only, start_from, refresh)
     hasher = FileHasher(Path(cfg.state_dir) / "file-hashes.json")
 
-    with tags(f"config:{cfg.name}", f"model:{Path(cfg.base_model).name}", *(f"stage:{s}" for s in plan.selected)):
+    with (tags(f"config:{cfg.name}", f"model:{Path(cfg.base_model).name}", *(f"stage:{s}" for s in plan.selected)),
+          tracking.pipeline_run(cfg, str(flow_run.id), flow_run.name or cfg.name) as tracked):
         prep = run_stage(cfg, STAGES["prep"], {}, plan, hasher)
         train = run_stage(cfg, STAGES["train"], {"prep": prep}, plan, hasher)
         if cfg.machine_rank > 0:
             return _joined_training(cfg, plan, hasher, prep, train)
         evaluation = run_stage(cfg, STAGES["eval"], {"prep": prep, "train": train}, plan, hasher)
         export = run_stage(cfg, STAGES["export"], {"prep": prep, "train": train, "eval": evaluation}, plan, hasher)
-        promotion = _promote(cfg, export, evaluation) if export else None
+        model_uri = tracked.log_model(store.output_dir(cfg, export), export) if tracked and export else None
+        promotion = _promote(cfg, export, evaluation, model_uri) if export else None
+        run_pictures = pictures.run_pictures(cfg, train, evaluation)
+        pictures.publish(cfg, run_pictures)
+        if tracked:
+            tracked.log_outputs(train, evaluation, export, promotion, run_pictures, {o.stage: asdict(o) for o in plan.outcomes})
 
     hasher.save()
-    return write_run_summary(cfg, plan.outcomes, prep, train, evaluation, export, promotion)
+    return write_run_summary(cfg, plan.outcomes, prep, train, evaluation, export, promotion,
+                             picture_paths={name: str(path) for name, path in run_pictures.items()},
+                             tracking=tracked.status if tracked else None)
 
 
 def _joined_training(cfg: RunConfig, plan: StagePlan, hasher: FileHasher, prep: dict | None, train: dict | None) -> dict:
@@ -225,13 +233,14 @@ def _joined_training(cfg: RunConfig, plan: StagePlan, hasher: FileHasher, prep: 
     return write_run_summary(own_summary, plan.outcomes, prep, train, None, None, None)
 
 
-def _promote(cfg: RunConfig, export: dict, evaluation: dict | None = None) -> dict:
-    """Registers the export and applies the gate (never cached), and points output_dir/model at it."""
+def _promote(cfg: RunConfig, export: dict, evaluation: dict | None = None, model_uri: str | None = None) -> dict:
+    """Registers the export and applies the gate (never cached), and points output_dir/model at it.
+    `model_uri`: the export as logged in MLflow, which `export.registry: mlflow` registers."""
     from tasks.export import link_output
     from tasks.promotion import promote_task
 
     link_output(cfg, store.output_dir(cfg, export), export)
-    return promote_task(cfg, export, evaluation)
+    return promote_task(cfg, export, evaluation, model_uri)
 
 
 def write_run_summary(
@@ -242,6 +251,8 @@ def write_run_summary(
     eval_manifest: dict | None,
     export_manifest: dict | None,
     promotion: dict | None,
+    picture_paths: dict[str, str] | None = None,
+    tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     def pick(manifest: dict | None, keys: tuple[str, ...]) -> dict | None:
         return {key: manifest.get(key) for key in keys} if manifest else None
@@ -256,6 +267,8 @@ def write_run_summary(
         "export_path": str(Path(cfg.output_dir) / "model") if export_manifest else None,
         "export": pick(export_manifest, ("kind", "merge_dtype", "max_logit_diff", "weights_changed", "formats")),
         "loss_curve": str(store.output_dir(cfg, train_manifest) / train_manifest["loss_curve"]) if train_manifest else None,
+        "pictures": picture_paths or {},
+        "tracking": tracking or {},
         "promotion": pick(promotion, ("version", "promoted", "reason", "production", "production_before", "registry", "hub", "checks")),
         "trust_remote_code": cfg.trust_remote_code,
     }

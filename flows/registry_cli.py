@@ -1,8 +1,9 @@
 """`loraflow models | promote VERSION | rollback`: the model registry by hand.
 
 Which registry: `--registry DIR`, or the one a run config uses (`--config CONFIG`: its
-`export.registry_dir`, default `<state_dir>/../registry/<name>`), or, with neither, the only
-registry under `.loraflow/registry/`. Nothing heavy is imported: these answer in about a second.
+`export.registry_dir`, default `<state_dir>/../registry/<name>`, or MLflow's model registry with
+`export.registry: mlflow`), or, with neither, the only registry under `.loraflow/registry/`.
+Nothing heavy is imported (MLflow only for an MLflow registry): these answer in about a second.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tasks import registry
-from tasks.config import ConfigError
+from tasks.config import ConfigError, RunConfig
 from tasks.config_load import load_config
 
 registry_app = typer.Typer(no_args_is_help=True, add_completion=False)
@@ -29,22 +30,27 @@ CONFIG_OPTION = typer.Option(None, "--config", "-c", help="Run config whose regi
 REGISTRY_OPTION = typer.Option(None, "--registry", "-r", help="Registry directory (overrides --config).")
 
 
-def resolve_registry(config: Path | None, registry_path: Path | None) -> Path:
-    if registry_path is not None or config is not None:
-        root = registry_path if registry_path is not None else _registry_of(config)
-        if not root.is_dir():
-            _fail(f"no registry at {root}: `loraflow run CONFIG` creates it with its first export")
-        return root
+def resolve_registry(config: Path | None, registry_path: Path | None) -> registry.RegistryBackend:
+    """The registry backend: a folder, or MLflow's registry for a config with `export.registry: mlflow`."""
+    if registry_path is None and config is not None:
+        cfg = _load(config)
+        if cfg.export.registry == "mlflow":
+            return registry.open_registry(cfg)
+        registry_path = registry.registry_dir(cfg)
+    if registry_path is not None:
+        if not registry_path.is_dir():
+            _fail(f"no registry at {registry_path}: `loraflow run CONFIG` creates it with its first export")
+        return registry.LocalRegistry(registry_path)
     candidates = sorted(p for p in DEFAULT_REGISTRY_ROOT.glob("*") if (p / registry.VERSIONS).is_dir())
     if len(candidates) == 1:
-        return candidates[0]
+        return registry.LocalRegistry(candidates[0])
     found = ", ".join(str(p) for p in candidates) or f"none under {DEFAULT_REGISTRY_ROOT}"
     _fail(f"which registry? pass --config CONFIG or --registry DIR (registries found: {found})")
 
 
-def _registry_of(config: Path) -> Path:
+def _load(config: Path) -> RunConfig:
     try:
-        return registry.registry_dir(load_config(config))
+        return load_config(config)
     except ConfigError as error:
         _fail(str(error))
 
@@ -61,9 +67,9 @@ def models(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the registry's versions, their eval metrics and which one is production."""
-    root = resolve_registry(config, registry_path)
-    versions = registry.list_versions(root)
-    current = registry.production(root)
+    backend = resolve_registry(config, registry_path)
+    versions = backend.versions()
+    current = backend.production()
     rows = [
         {
             "version": version.name,
@@ -77,9 +83,9 @@ def models(
         for version in versions
     ]
     if as_json:
-        print(json.dumps({"registry": str(root), "production": current, "versions": rows}, indent=2))
+        print(json.dumps({"registry": backend.location, "production": current, "versions": rows}, indent=2))
         return
-    table = Table(title=f"models in {root}")
+    table = Table(title=f"models in {backend.location}")
     for column in ("", "version", "registered", "kind", "metrics", "gate decision"):
         table.add_column(column)
     for row in rows:

@@ -249,8 +249,13 @@ class ExportConfig(StrictModel):
             "BPE); only when its splitting matches that name's."
         ),
     )
+    registry: Literal["local", "mlflow"] = Field(
+        "local", description="Where versions are kept: `local` (a folder, `registry_dir`) or `mlflow` (the MLflow model "
+        "registry at MLFLOW_TRACKING_URI, a registered model named after the config, aliases `production` and `previous`)."
+    )
     registry_dir: str | None = Field(
-        None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`."
+        None, description="Model registry of this run's versions; default: `<state_dir>/../registry/<name>`. With "
+        "`registry: mlflow`, a local cache (the writer lock, the gate's per-item scores)."
     )
     promote_if: list[PromoteCondition] = Field(
         default_factory=list, description="Conditions on eval metrics for a new version to become production (none: always)."

@@ -250,9 +250,19 @@ def check_disk(checks: Checks) -> None:
 
 
 # Every preflight check, in the order its findings are listed.
+def check_tracking(checks: Checks) -> None:
+    """MLflow / W&B installed and reachable before a run trains for an hour and then cannot log it;
+    `validate` (maybe on another machine than the runs) reports an unreachable server as a note."""
+    from tasks.tracking import preflight_problems
+
+    for problem in preflight_problems(checks.cfg):
+        (checks.problems if checks.for_run or "pip install" in problem else checks.notes).append(problem)
+
+
 CHECKS: tuple[Callable[[Checks], None], ...] = (
     check_datasets, check_model, check_hardware, check_machines, check_flash_attention, check_deepspeed, check_fsdp, check_kernels,
     check_quantization, check_export_formats, check_optimizer, check_tokenizer_and_adapter_files, check_eval, check_disk,
+    check_tracking,
 )
 
 

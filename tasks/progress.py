@@ -177,7 +177,7 @@ class PrefectProgressCallback(TrainerCallback):
 
 
 def save_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> None:
-    """Train (and eval) loss by step as a PNG, written to a temporary name and renamed into place."""
+    """Train and eval loss and the learning rate by step as a PNG, written to a temporary name and renamed into place."""
     # The object API, not pyplot: no global backend or figure state in a library.
     from matplotlib.figure import Figure
 
@@ -193,7 +193,15 @@ def save_loss_curve(records: list[dict[str, Any]], path: Path, title: str) -> No
     axes.set_ylabel("loss")
     axes.set_title(title)
     axes.grid(alpha=0.3)
-    axes.legend()
+    handles, labels = axes.get_legend_handles_labels()
+    rates = [(record["step"], record["learning_rate"]) for record in records if "learning_rate" in record]
+    if rates:  # the schedule on its own scale, so warmup and decay read beside the loss they shaped
+        rate_axes = axes.twinx()
+        rate_axes.plot(*zip(*rates), color="tab:gray", linestyle="--", label="learning rate")
+        rate_axes.set_ylabel("learning rate")
+        rate_handles, rate_labels = rate_axes.get_legend_handles_labels()
+        handles, labels = handles + rate_handles, labels + rate_labels
+    axes.legend(handles, labels)
     with atomic.atomic_open(path, "wb") as handle:
         figure.savefig(handle, format="png")
 

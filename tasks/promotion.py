@@ -17,16 +17,19 @@ log = logging.getLogger("loraflow.promote")
 
 
 @task(name="promote", cache_policy=NO_CACHE)
-def promote_task(cfg: RunConfig, export_manifest: dict[str, Any], eval_manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+def promote_task(
+    cfg: RunConfig, export_manifest: dict[str, Any], eval_manifest: dict[str, Any] | None = None, model_uri: str | None = None,
+) -> dict[str, Any]:
     """Registers the export as a registry version and applies `export.promote_if` (never cached:
     the decision depends on the current production version). With the eval manifest, the gate
-    compares on the items it scored (the pinned test set, else the val items)."""
+    compares on the items it scored (the pinned test set, else the val items). `model_uri`: the
+    export logged in MLflow, registered by `export.registry: mlflow`."""
     from prefect.artifacts import create_markdown_artifact
 
     from tasks.stage import artifact_key
 
     candidate = gate.candidate_items(cfg, eval_manifest)
-    decision = registry.register_and_gate(cfg, store.output_dir(cfg, export_manifest), export_manifest, candidate)
+    decision = registry.register_and_gate(cfg, store.output_dir(cfg, export_manifest), export_manifest, candidate, model_uri=model_uri)
     create_markdown_artifact(
         markdown=registry.decision_markdown(decision), key=artifact_key(cfg.name, "promotion"), description="Promotion gate decision"
     )

@@ -31,18 +31,17 @@ import logging
 import os
 import re
 import shutil
-import socket
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from tasks import atomic, gate, significance
 from tasks.config import RunConfig
 from tasks.config_sections import PromoteCondition
 from tasks.errors import ServiceError, StageFailedError
+from tasks.serving import reachable
 
 log = logging.getLogger("loraflow.registry")
 
@@ -68,6 +67,76 @@ class Version:
     record: dict[str, Any]
     metrics: dict[str, Any]
     decision: dict[str, Any] | None
+
+
+class RegistryBackend(Protocol):
+    """Where versions are kept; the gate, `promote` and `rollback` work the same on each.
+    `LocalRegistry` (a folder, below) and `tasks.registry_mlflow.MlflowRegistry` (MLflow's model
+    registry, aliases `production` and `previous`)."""
+
+    location: str
+
+    def lock(self) -> contextlib.AbstractContextManager[None]: ...
+    def versions(self) -> list[Version]: ...
+    def version(self, name: str) -> Version: ...
+    def production(self) -> str | None: ...
+    def add(self, export_dir: Path, manifest: dict[str, Any]) -> tuple[Version, bool]: ...
+    def record_decision(self, version: Version, decision: dict[str, Any]) -> None: ...
+    def move_production(self, name: str, event: str, reason: str) -> None: ...
+    def promoted_over(self, name: str) -> str | None: ...
+    def fetch_model(self, version: Version) -> None: ...
+
+
+@dataclass
+class LocalRegistry:
+    """The registry folder described at the top of this module."""
+
+    root: Path
+
+    @property
+    def location(self) -> str:
+        return str(self.root)
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.root)
+
+    def versions(self) -> list[Version]:
+        return list_versions(self.root)
+
+    def version(self, name: str) -> Version:
+        return read_version(self.root, name)
+
+    def production(self) -> str | None:
+        return production(self.root)
+
+    def add(self, export_dir: Path, manifest: dict[str, Any]) -> tuple[Version, bool]:
+        return register(self.root, export_dir, manifest)
+
+    def record_decision(self, version: Version, decision: dict[str, Any]) -> None:
+        atomic.write_json(version.path / "decision.json", decision)
+
+    def move_production(self, name: str, event: str, reason: str) -> None:
+        set_production(self.root, name, event, reason)
+
+    def promoted_over(self, name: str) -> str | None:
+        promotions = [e for e in read_history(self.root) if e["event"] == "promoted" and e["version"] == name]
+        return promotions[-1].get("previous") if promotions else None
+
+    def fetch_model(self, version: Version) -> None:
+        """The model is in the version folder already."""
+
+
+def open_registry(cfg: RunConfig, model_uri: str | None = None) -> RegistryBackend:
+    """The backend `export.registry` names; `model_uri` is what MLflow registers (the run's logged model)."""
+    if cfg.export.registry == "mlflow":
+        from tasks.registry_mlflow import MlflowRegistry
+
+        return MlflowRegistry(cfg, model_uri)
+    return LocalRegistry(registry_dir(cfg))
+
+
+def as_backend(root: Path | RegistryBackend) -> RegistryBackend:
+    return LocalRegistry(root) if isinstance(root, Path) else root
 
 
 def registry_dir(cfg: RunConfig) -> Path:
@@ -167,42 +236,51 @@ def register(root: Path, export_dir: Path, manifest: dict[str, Any]) -> tuple[Ve
 
 def register_and_gate(
     cfg: RunConfig, export_dir: Path, manifest: dict[str, Any], candidate: gate.GateItems | None = None,
-    production_scorer: gate.ProductionScorer | None = None,
+    production_scorer: gate.ProductionScorer | None = None, model_uri: str | None = None,
 ) -> dict[str, Any]:
     """Registers the export and, the first time, applies `export.promote_if` to it: the decision
-    (promoted or not, and why) is returned, and recorded in the version.
+    (promoted or not, and why) is returned, and recorded in the version. The same gate whichever
+    backend keeps the versions (`export.registry`: this folder, or MLflow's registry, where
+    `model_uri` is the export as the pipeline's MLflow run logged it).
 
     With `candidate` (the new version's per-item scores, `tasks.gate`), conditions on a per-item
     metric compare candidate and production on those same items: production's stored scores for
     the same items and eval settings, else scored now by `production_scorer` (default: served
     locally, `gate.score_production`)."""
-    root = registry_dir(cfg)
-    with locked(root):
-        version, created = register(root, export_dir, manifest)
+    backend = open_registry(cfg, model_uri)
+    scorer = production_scorer or gate.score_production
+
+    def fetch_and_score(run_cfg: RunConfig, version: Version, items: gate.GateItems) -> list[dict[str, float]]:
+        backend.fetch_model(version)
+        return scorer(run_cfg, version, items)
+
+    with backend.lock():
+        version, created = backend.add(export_dir, manifest)
         if version.decision is not None:
-            return {**version.decision, "already_decided": True, "production": production(root)}
-        current = production(root)
+            return {**version.decision, "already_decided": True, "production": backend.production()}
+        current = backend.production()
         if candidate is not None:
             gate.store_scores(version.path, candidate, candidate.scores)
         if current == version.name:
             # A run killed between moving the pointer and recording why.
             decision = {"promoted": True, "reason": f"{version.name} is already production", "checks": []}
         else:
-            production_version = read_version(root, current) if current else None
+            production_version = backend.version(current) if current else None
             paired = None
             if candidate is not None and production_version is not None and gate.needs_production(cfg.export.promote_if):
-                paired = gate.production_items(cfg, production_version, candidate, production_scorer)
+                paired = gate.production_items(cfg, production_version, candidate, fetch_and_score)
             decision = evaluate_gate(
                 cfg.export.promote_if, version.metrics, production_version.metrics if production_version else None, current,
                 candidate, paired,
             )
-        decision.update(version=version.name, production_before=current, registry=str(root), decided_at=_now(), hub=None)
+        decision.update(version=version.name, production_before=current, registry=backend.location, decided_at=_now(), hub=None)
         if decision["promoted"] and current != version.name:
             if cfg.hub_model_id:
+                backend.fetch_model(version)
                 decision["hub"] = push_to_hub(cfg, version.path / MODEL)
-            set_production(root, version.name, "promoted", decision["reason"])
-        atomic.write_json(version.path / "decision.json", decision)
-        return {**decision, "already_decided": False, "production": production(root)}
+            backend.move_production(version.name, "promoted", decision["reason"])
+        backend.record_decision(version, decision)
+        return {**decision, "already_decided": False, "production": backend.production()}
 
 
 def metric_value(metrics: dict[str, Any], path: str) -> float | None:
@@ -367,29 +445,31 @@ def set_production(root: Path, name: str, event: str, reason: str) -> None:
     log.info("registry: production is now %s (%s)", name, reason)
 
 
-def promote(root: Path, name: str) -> tuple[str | None, str]:
+def promote(root: Path | RegistryBackend, name: str) -> tuple[str | None, str]:
     """Moves `production` to a version by hand. Returns (previous, new)."""
+    backend = as_backend(root)
     name = normalise_version(name)
-    with locked(root):
-        previous = production(root)
+    with backend.lock():
+        backend.version(name)  # a clear error for a version that does not exist
+        previous = backend.production()
         if previous == name:
             raise RegistryError(f"{name} is already production")
-        set_production(root, name, "promoted", "promoted by hand (loraflow promote)")
+        backend.move_production(name, "promoted", "promoted by hand (loraflow promote)")
         return previous, name
 
 
-def rollback(root: Path) -> tuple[str, str]:
+def rollback(root: Path | RegistryBackend) -> tuple[str, str]:
     """Moves `production` back to the version that was production before the current one was
     promoted. Repeated rollbacks walk further back. Returns (previous, new)."""
-    with locked(root):
-        current = production(root)
+    backend = as_backend(root)
+    with backend.lock():
+        current = backend.production()
         if current is None:
-            raise RegistryError(f"{root} has no production version to roll back from")
-        promotions = [e for e in read_history(root) if e["event"] == "promoted" and e["version"] == current]
-        target = promotions[-1].get("previous") if promotions else None
+            raise RegistryError(f"{backend.location} has no production version to roll back from")
+        target = backend.promoted_over(current)
         if target is None:
             raise RegistryError(f"{current} was the first production version: there is nothing to roll back to")
-        set_production(root, target, "rollback", f"rolled back from {current} by hand (loraflow rollback)")
+        backend.move_production(target, "rollback", f"rolled back from {current} by hand (loraflow rollback)")
         return current, target
 
 
@@ -411,7 +491,7 @@ def push_to_hub(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
     later = f"push it later with `hf upload {cfg.hub_model_id} {model_dir}`"
     offline_flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if offline_flag or not _reachable(endpoint):
+    if offline_flag or not reachable(endpoint):
         why = "HF_HUB_OFFLINE is set" if offline_flag else f"{endpoint} is unreachable"
         message = f"push to {cfg.hub_model_id} skipped: {why}; {later}"
         log.warning(message)
@@ -434,16 +514,6 @@ def push_to_hub(cfg: RunConfig, model_dir: Path) -> dict[str, Any]:
         raise HubPushError(f"push of {model_dir} to {cfg.hub_model_id} failed: {error}; {later}") from error
     log.info("registry: pushed %s to %s", model_dir, cfg.hub_model_id)
     return {"status": "pushed", "repo": cfg.hub_model_id, "commit": getattr(commit, "oid", None)}
-
-
-def _reachable(url: str, timeout: float = 5.0) -> bool:
-    parsed = urllib.parse.urlparse(url)
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def decision_markdown(decision: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +168,14 @@ def _tail(log_path: Path, lines: int = 30) -> str:
         return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no server log)"
+
+
+def reachable(url: str, timeout: float = 5.0) -> bool:
+    """Whether something accepts connections at the URL's host and port (a hub, a tracking server)."""
+    parsed = urllib.parse.urlparse(url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -168,8 +168,8 @@ EXPORT = Stage(
     inputs=export_inputs,
     # What happens after the export (the gate, the registry, the hub push on promotion), not its files;
     # and where the format tools are installed (a location, not what they write).
-    settings_ignored=("export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env", "hub_model_id",
-                      "export.llmcompressor_python", "export.gguf_converter"),
+    settings_ignored=("export.registry", "export.registry_dir", "export.promote_if", "export.hub_private", "export.hub_token_env",
+                      "hub_model_id", "export.llmcompressor_python", "export.gguf_converter"),
     reads=lambda m: {"model": m["model_sha256"], "formats": m.get("formats_sha256", {})},
     uses_gpu=True,
     description="adapter merged, verified, written with its model card",

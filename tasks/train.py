@@ -360,17 +360,19 @@ def _optim_args_text(optim_args: str | dict[str, Any]) -> str:
 
 
 def reporting_integrations(cfg: RunConfig) -> list[str]:
-    """`report_to`, less the integrations that are not installed (each one named in a warning)."""
-    import os
-
+    """The Trainer's own `report_to` integrations: TensorBoard when asked and installed. MLflow and
+    W&B are logged once per pipeline run by `tasks/tracking.py` (the curves from metrics.jsonl), not
+    by the Trainer, which would open a second run of its own."""
     from transformers.integrations import get_available_reporting_integrations
 
-    os.environ.update(cfg.tracking_env)  # WANDB_PROJECT, MLFLOW_TRACKING_URI, ... from Axolotl's wandb_* / mlflow_* keys
+    from tasks.tracking import TRACKERS
+
     available = set(get_available_reporting_integrations())
-    for name in cfg.report_to:
+    wanted = [name for name in cfg.report_to if name not in TRACKERS]
+    for name in wanted:
         if name not in available:
             log.warning("train: report_to %s skipped: it is not installed (pip install %s)", name, name)
-    return [name for name in cfg.report_to if name in available]
+    return [name for name in wanted if name in available]
 
 
 def training_arguments(cfg: RunConfig, checkpoint_dir: Path, has_val: bool) -> Any:
