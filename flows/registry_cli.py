@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tasks import registry
+from tasks import gate, registry
 from tasks.config import ConfigError, RunConfig
 from tasks.config_load import load_config
 
@@ -99,10 +99,10 @@ def _headline_metrics(metrics: dict) -> dict[str, float]:
     headline = {}
     for model in ("tuned", "base"):
         for name in ("accuracy", "exact_match"):
-            value = registry.metric_value(metrics, f"{model}.{name}")
+            value = gate.metric_value(metrics, f"{model}.{name}")
             if value is not None:
                 headline[f"{model}.{name}"] = value
-    if (loss := registry.metric_value(metrics, "eval_loss")) is not None:
+    if (loss := gate.metric_value(metrics, "eval_loss")) is not None:
         headline["eval_loss"] = loss
     return headline
 

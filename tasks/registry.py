@@ -37,9 +37,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from tasks import atomic, gate, significance
+from tasks import atomic, gate
 from tasks.config import RunConfig
-from tasks.config_sections import PromoteCondition
 from tasks.errors import ServiceError, StageFailedError
 from tasks.serving import reachable
 
@@ -269,7 +268,7 @@ def register_and_gate(
             paired = None
             if candidate is not None and production_version is not None and gate.needs_production(cfg.export.promote_if):
                 paired = gate.production_items(cfg, production_version, candidate, fetch_and_score)
-            decision = evaluate_gate(
+            decision = gate.evaluate_gate(
                 cfg.export.promote_if, version.metrics, production_version.metrics if production_version else None, current,
                 candidate, paired,
             )
@@ -281,157 +280,6 @@ def register_and_gate(
             backend.move_production(version.name, "promoted", decision["reason"])
         backend.record_decision(version, decision)
         return {**decision, "already_decided": False, "production": backend.production()}
-
-
-def metric_value(metrics: dict[str, Any], path: str) -> float | None:
-    """`accuracy` -> the tuned model's accuracy (else a top-level `accuracy`); `base.accuracy` as written."""
-    candidates = [path] if "." in path else [f"tuned.{path}", path]
-    for candidate in candidates:
-        value: Any = metrics
-        for part in candidate.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
-
-
-def evaluate_gate(
-    conditions: list[PromoteCondition], metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None,
-    candidate: gate.GateItems | None = None, paired: tuple[gate.GateItems, str] | None = None,
-) -> dict[str, Any]:
-    """Checks every condition; promoted only if all pass. With no production version yet only
-    the absolute bounds apply; with no conditions every new version is promoted. A metric with
-    per-item scores in `candidate` is read on those items, and compared with production's scores
-    on the same items (`paired`: production's items and whether they were stored or re-scored)."""
-    if not conditions:
-        nothing_scored = "" if metrics.get("tuned") else " (eval scored nothing, so the gate has nothing to compare)"
-        return {"promoted": True, "reason": f"no promote_if conditions: every new version is promoted{nothing_scored}", "checks": []}
-    checks = [_check(condition, metrics, production_metrics, production_name, candidate, paired) for condition in conditions]
-    failed = [check["detail"] for check in checks if not check["passed"]]
-    if failed:
-        return {"promoted": False, "reason": "not promoted: " + "; ".join(failed), "checks": checks}
-    return {"promoted": True, "reason": "promoted: " + "; ".join(check["detail"] for check in checks), "checks": checks}
-
-
-def _check(
-    condition: PromoteCondition, metrics: dict[str, Any], production_metrics: dict[str, Any] | None, production_name: str | None,
-    candidate: gate.GateItems | None = None, paired: tuple[gate.GateItems, str] | None = None,
-) -> dict[str, Any]:
-    candidate_values = candidate.values(condition.metric) if candidate is not None else None
-    if candidate_values is not None:
-        return _paired_check(condition, candidate, candidate_values, paired, production_metrics, production_name)
-    value = metric_value(metrics, condition.metric)
-    check: dict[str, Any] = {"metric": condition.metric, "value": value, "production_value": None, "passed": True}
-    if value is None and not metrics.get("tuned"):
-        return {**check, "passed": False,
-                "detail": "eval scored nothing (no val split and no eval.test_set): the gate has nothing to compare"}
-    if value is None:
-        known = ", ".join(sorted(_metric_names(metrics)))
-        return {**check, "passed": False, "detail": f"metric `{condition.metric}` is not in the eval metrics (known: {known})"}
-    details = _absolute_bounds(condition, value, check)
-    if condition.max_regression is not None:
-        previous = metric_value(production_metrics, condition.metric) if production_metrics is not None else None
-        check["production_value"] = previous
-        if previous is None:
-            reason = "no production version yet" if production_metrics is None else f"{production_name} has no {condition.metric}"
-            details.append(f"{reason}: regression check on {condition.metric} skipped")
-        else:
-            regression = previous - value if condition.higher_is_better else value - previous
-            within = regression <= condition.max_regression + 1e-12
-            check["passed"] &= within
-            details.append(
-                f"{condition.metric} {value:.4g} vs {previous:.4g} in production {production_name} "
-                f"({'within' if within else 'beyond'} max_regression {condition.max_regression:g})"
-            )
-    if condition.min_improvement is not None:
-        previous = metric_value(production_metrics, condition.metric) if production_metrics is not None else None
-        check["production_value"] = previous
-        if previous is None:
-            details.append(f"no production {condition.metric} to improve on: improvement check skipped")
-        else:
-            improvement = value - previous if condition.higher_is_better else previous - value
-            check["passed"] &= improvement > condition.min_improvement
-            details.append(f"{condition.metric} {value:.4g} vs {previous:.4g} in production {production_name} "
-                           f"({'above' if improvement > condition.min_improvement else 'not above'} min_improvement "
-                           f"{condition.min_improvement:g})")
-    check["passed"] = bool(check["passed"])
-    return {**check, "detail": ", ".join(details)}
-
-
-def _absolute_bounds(condition: PromoteCondition, value: float, check: dict[str, Any], where: str = "") -> list[str]:
-    """`min` and `max` on the candidate's value: updates `check["passed"]`, returns the details."""
-    details = []
-    if condition.min is not None:
-        check["passed"] &= value >= condition.min
-        details.append(f"{condition.metric} {value:.4g} {'>=' if value >= condition.min else '<'} min {condition.min:g}{where}")
-    if condition.max is not None:
-        check["passed"] &= value <= condition.max
-        details.append(f"{condition.metric} {value:.4g} {'<=' if value <= condition.max else '>'} max {condition.max:g}{where}")
-    return details
-
-
-def _paired_check(
-    condition: PromoteCondition, candidate: gate.GateItems, values: list[float], paired: tuple[gate.GateItems, str] | None,
-    production_metrics: dict[str, Any] | None, production_name: str | None,
-) -> dict[str, Any]:
-    """A per-item metric on the gate's items: absolute bounds on the candidate's mean, and
-    `min_improvement` / `max_regression` against production's scores on the same items, with a
-    paired test at `confidence` when set (the interval decides), else on the bare difference."""
-    value = sum(values) / len(values)
-    where = f"on the same {len(values)} {candidate.kind.replace('_', ' ')} items"
-    check: dict[str, Any] = {"metric": condition.metric, "value": round(value, 6), "production_value": None, "passed": True,
-                             "items": len(values), "items_kind": candidate.kind, "items_sha256": candidate.items_sha256,
-                             "settings": candidate.settings}
-    details = _absolute_bounds(condition, value, check, f" ({candidate.kind})")
-    relative = condition.min_improvement is not None or condition.max_regression is not None
-    if relative and paired is None:
-        details.append("no production version yet: comparison skipped" if production_metrics is None
-                       else f"{production_name} could not be compared: comparison skipped")
-    elif relative and paired is not None:
-        production_items, how = paired
-        previous = production_items.values(condition.metric) or []
-        sign = 1 if condition.higher_is_better else -1
-        if condition.confidence is not None:
-            comparison = significance.compare(values, previous, condition.confidence, condition.test)
-            difference = comparison.difference
-            low, high = sorted((sign * comparison.low, sign * comparison.high))
-            check.update(comparison.as_record())
-            shown = (f"difference {sign * difference:+.4g}, {condition.confidence:.0%} interval [{low:+.4g}, {high:+.4g}]"
-                     + (f", McNemar p={comparison.p_value:.3g}" if comparison.p_value is not None else ", paired bootstrap"))
-        else:
-            difference = value - sum(previous) / len(previous)
-            low = high = sign * difference
-            check.update(items=len(values), candidate=round(value, 6), production=round(sum(previous) / len(previous), 6),
-                         difference=round(difference, 6), interval=None, confidence=None)
-            shown = f"difference {sign * difference:+.4g}"
-        production_value = sum(previous) / len(previous)
-        check.update(production_value=round(production_value, 6), production_scores=how)
-        details.append(f"{condition.metric} {value:.4g} vs {production_value:.4g} in production {production_name} {where} "
-                       f"({how}): {shown}")
-        if condition.min_improvement is not None:
-            better = low > condition.min_improvement
-            check["passed"] &= better
-            kind = "significant " if condition.confidence is not None else ""
-            details.append(f"{'a' if better else 'not a'} {kind}improvement above min_improvement {condition.min_improvement:g}")
-        if condition.max_regression is not None:
-            worse = high < -condition.max_regression
-            check["passed"] &= not worse
-            if condition.confidence is not None:
-                details.append(f"{'significantly' if worse else 'not significantly'} beyond max_regression {condition.max_regression:g}")
-            else:
-                details.append(f"{'beyond' if worse else 'within'} max_regression {condition.max_regression:g}")
-    check["passed"] = bool(check["passed"])
-    return {**check, "detail": ", ".join(details)}
-
-
-def _metric_names(metrics: dict[str, Any], prefix: str = "") -> set[str]:
-    names = set()
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            names |= _metric_names(value, f"{prefix}{key}.")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            names.add(prefix + key)
-    return names
 
 
 def set_production(root: Path, name: str, event: str, reason: str) -> None:

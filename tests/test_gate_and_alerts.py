@@ -12,7 +12,7 @@ import pytest
 from openai_stub import StubServer
 from pydantic import ValidationError
 
-from tasks import gate, notify, registry
+from tasks import gate, notify
 from tasks.config import EvalConfig, RunConfig
 from tasks.config_sections import NotifyConfig, PromoteCondition
 from tasks.eval_client import BudgetExceededError, ModelTarget, ask_all, spending_limit
@@ -31,7 +31,7 @@ PRODUCTION = [0] * 10 + [1] * 2 + [1] * 5 + [0] * 3
 
 def decide(condition: dict, candidate: list[int], production: list[int] | None) -> dict:
     paired = (items(production), "stored") if production is not None else None
-    return registry.evaluate_gate([PromoteCondition(**condition)], {"tuned": {"accuracy": 0.0}}, {} if production else None,
+    return gate.evaluate_gate([PromoteCondition(**condition)], {"tuned": {"accuracy": 0.0}}, {} if production else None,
                                   "v0001" if production else None, items(candidate), paired)
 
 
