@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     held_out = test_set.pop("hashes") if test_set else {}
 
     # Pass 1: every source as chunks; the ones not built before are built now, on every core.
+    started = time.monotonic()
     chunked: list[list[tuple[SourceChunk, str]]] = []
     with ChunkBuilder(cfg, encoder) as builder:
         for dataset in cfg.datasets:
@@ -90,6 +92,7 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
             if not chunked[-1]:
                 raise DatasetError(f"{dataset.path}: the dataset is empty; add rows or remove it from `datasets`")
     chunks_total = sum(len(chunks) for chunks in chunked)
+    seconds = {"read_and_tokenize": time.monotonic() - started}
 
     # Assembly: deduplication and test-set rows across chunks, quarantine, the contract.
     assembly = Assembly(cfg, held_out)
@@ -107,6 +110,9 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     for index, source in enumerate(sources):
         if source["contract"] and not source["contract"]["passed"]:
             raise ContractError(describe_failures(source["contract"], cfg.datasets[index].path))
+
+    seconds["assemble"] = time.monotonic() - started - seconds["read_and_tokenize"] - assembly.contract_seconds
+    seconds["contract"] = assembly.contract_seconds
 
     # Pass 2: split by content, pack by length, gather samples into shards.
     lengths = assembly.lengths()
@@ -127,6 +133,7 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
     train_tokens = int(sum(lengths[i] for i in train_indices))
     efficiency = train_tokens / (len(train_bins) * cfg.sequence_len) if train_bins else 0.0
 
+    seconds["pack_and_write"] = time.monotonic() - started - sum(seconds.values())
     manifest = {
         "sources": sources,
         "rows_in": rows_in,
@@ -135,6 +142,8 @@ def build(cfg: RunConfig, work_dir: Path, upstream: dict[str, Any]) -> dict[str,
         "documents_split": sum(source["documents_split"] for source in sources),
         "fragments_made": sum(source["fragments_made"] for source in sources),
         "chunks": {"total": chunks_total, "built": builder.built, "reused": chunks_total - builder.built},
+        # Where the time went (the first and the later runs of a growing source differ in the first part).
+        "seconds": {phase: round(value, 2) for phase, value in seconds.items()},
         "train_samples": len(train_indices),
         "val_samples": len(val_indices),
         "train_rows": len(train_bins),
@@ -181,6 +190,7 @@ class Assembly:
     message_rows: list[tuple[int, int]] = field(default_factory=list)
     sample_lengths: list[np.ndarray] = field(default_factory=list)
     trained_tokens: int = 0
+    contract_seconds: float = 0.0
 
     def add_source(self, source: int, dataset: DatasetConfig, chunks: list[tuple[SourceChunk, str]], quarantine: Any,
                    work_dir: Path) -> dict[str, Any]:
@@ -242,7 +252,9 @@ class Assembly:
         if dataset.contract:
             contract = load_contract(Path(self.cfg.contract.dir), dataset.contract)
             docs_dir = work_dir / "data_docs" / f"source-{source}"
+            started = time.monotonic()
             contract_summary = validate_chunks(self.cfg, contract, accepted_rows, chunks[-1][0].ends_source, docs_dir)
+            self.contract_seconds += time.monotonic() - started
             if (docs_dir / "index.html").exists():
                 contract_summary["data_docs"] = str(docs_dir.relative_to(work_dir) / "index.html")
         return {"type": dataset.type, **counts, "contract": contract_summary}
@@ -391,13 +403,10 @@ def _bins(cfg: RunConfig, lengths: list[int], indices: list[int]) -> list[list[i
     return [[indices[i] for i in bin_] for bin_ in pack_lengths([lengths[i] for i in indices], cfg.sequence_len, seed=cfg.seed)]
 
 
-def _histogram(lengths: list[int]) -> dict[str, int]:
-    histogram = {f"<={bucket}": 0 for bucket in LENGTH_BUCKETS}
-    histogram["longer"] = 0
-    for length in lengths:
-        bucket = next((f"<={b}" for b in LENGTH_BUCKETS if length <= b), "longer")
-        histogram[bucket] += 1
-    return {key: count for key, count in histogram.items() if count}
+def _histogram(lengths: np.ndarray) -> dict[str, int]:
+    counts = np.bincount(np.searchsorted(np.array(LENGTH_BUCKETS), lengths, side="left"), minlength=len(LENGTH_BUCKETS) + 1)
+    names = [f"<={bucket}" for bucket in LENGTH_BUCKETS] + ["longer"]
+    return {name: int(count) for name, count in zip(names, counts) if count}
 
 
 def report(cfg: RunConfig, manifest: dict[str, Any]) -> None:

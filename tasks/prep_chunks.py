@@ -98,22 +98,24 @@ def _ends_chunk(raw: bytes, rows: int) -> bool:
 
 
 def _byte_range_chunks(path: Path, max_rows: int | None) -> Iterator[SourceChunk]:
-    digest, rows, total, start, first_line, offset = hashlib.sha256(), 0, 0, 0, 1, 0
+    # A chunk's lines are hashed in one call when it ends: hashing line by line costs more in calls than in bytes.
+    lines: list[bytes] = []
+    rows, total, start, first_line, offset = 0, 0, 0, 1, 0
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             if max_rows is not None and total == max_rows:
                 break
             offset += len(raw)
-            digest.update(raw)
+            lines.append(raw)
             if not raw.strip():
                 continue
             rows += 1
             total += 1
             if _ends_chunk(raw, rows):
-                yield SourceChunk(first_line, rows, digest.hexdigest(), False, str(path), (start, offset))
-                digest, rows, start, first_line = hashlib.sha256(), 0, offset, line_number + 1
+                yield SourceChunk(first_line, rows, hashlib.sha256(b"".join(lines)).hexdigest(), False, str(path), (start, offset))
+                lines, rows, start, first_line = [], 0, offset, line_number + 1
     if rows:
-        yield SourceChunk(first_line, rows, digest.hexdigest(), True, str(path), (start, offset))
+        yield SourceChunk(first_line, rows, hashlib.sha256(b"".join(lines)).hexdigest(), True, str(path), (start, offset))
 
 
 def _row_chunks(dataset: DatasetConfig, max_rows: int | None) -> Iterator[SourceChunk]:

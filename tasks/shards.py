@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from tasks import atomic
 from tasks.chat_tokens import IGNORE_INDEX
@@ -68,45 +67,50 @@ class _ShardWriter:
 
 class PackedSamples:
     """The accepted samples of a prep, where they lie in the memory-mapped chunk outputs
-    (`tasks.prep_chunks`), assembled into packed rows without a Python loop per token.
+    (`tasks.prep_chunks`), assembled into packed rows with numpy: a slice per sample, no Python
+    loop per token, and no copy of a chunk output beyond the samples a batch takes from it.
 
     A packed row concatenates its samples' `input_ids` and `labels` and restarts `position_ids`
     at 0 per sample; the first label of every sample is -100 (see `tasks.packing.packed_row`:
     the model shifts labels by one, so that label would be predicted from the previous sample)."""
 
     def __init__(self, sample_tables: list[pa.Table], chunk_of: np.ndarray, index_in_chunk: np.ndarray) -> None:
-        self.input_ids = [table.column("input_ids") for table in sample_tables]
-        self.labels = [table.column("labels") for table in sample_tables]
+        self.input_ids = [_flat(table.column("input_ids")) for table in sample_tables]
+        self.labels = [_flat(table.column("labels")) for table in sample_tables]
         self.chunk_of, self.index_in_chunk = chunk_of, index_in_chunk
 
     def batches(self, bins: list[list[int]], rows_per_batch: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         for start in range(0, len(bins), rows_per_batch):
             group = bins[start : start + rows_per_batch]
-            order = np.fromiter(itertools.chain.from_iterable(group), dtype=np.int64)
-            input_ids, labels = self._gather(self.input_ids, order), self._gather(self.labels, order)
-            lengths = pc.list_value_length(input_ids).to_numpy().astype(np.int64)
+            order = list(itertools.chain.from_iterable(group))
+            input_ids, lengths = self._gather(self.input_ids, order)
+            labels, _ = self._gather(self.labels, order)
             sample_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            label_values = labels.flatten().to_numpy(zero_copy_only=False).copy()
-            label_values[sample_starts] = IGNORE_INDEX
-            positions = (np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(sample_starts, lengths)).astype(np.int32)
+            labels[sample_starts] = IGNORE_INDEX
+            # 0, 1, 2, ... restarting at every sample start: ones, with each start stepping back to 0.
+            positions = np.ones(len(input_ids), dtype=np.int32)
+            positions[0] = 0
+            positions[sample_starts[1:]] = 1 - lengths[:-1]
+            np.cumsum(positions, out=positions)
             bin_starts = np.concatenate([[0], np.cumsum([len(bin_) for bin_ in group])[:-1]]).astype(np.int64)
             row_offsets = pa.array(np.concatenate([[0], np.cumsum(np.add.reduceat(lengths, bin_starts))]).astype(np.int32))
-            yield pa.record_batch([
-                pa.ListArray.from_arrays(row_offsets, input_ids.flatten()),
-                pa.ListArray.from_arrays(row_offsets, pa.array(label_values, type=pa.int32())),
-                pa.ListArray.from_arrays(row_offsets, pa.array(positions, type=pa.int32())),
-            ], schema=SHARD_SCHEMA)
+            yield pa.record_batch([pa.ListArray.from_arrays(row_offsets, pa.array(values)) for values in (input_ids, labels, positions)],
+                                  schema=SHARD_SCHEMA)
 
-    def _gather(self, columns: list[pa.ChunkedArray], order: np.ndarray) -> pa.ListArray:
-        """The lists of the samples `order`, in that order: one `take` per chunk output they lie in."""
-        chunks = self.chunk_of[order]
-        taken, positions = [], []
-        for chunk in np.unique(chunks):
-            selected = np.nonzero(chunks == chunk)[0]
-            taken.append(columns[chunk].take(pa.array(self.index_in_chunk[order[selected]])).combine_chunks())
-            positions.append(selected)
-        combined = taken[0] if len(taken) == 1 else pa.concat_arrays(taken)
-        return combined.take(pa.array(np.argsort(np.concatenate(positions), kind="stable")))
+    def _gather(self, columns: list[tuple[np.ndarray, np.ndarray]], order: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The values of the samples `order`, concatenated in that order, and each sample's length."""
+        pieces = []
+        for sample in order:
+            values, offsets = columns[self.chunk_of[sample]]
+            index = self.index_in_chunk[sample]
+            pieces.append(values[offsets[index] : offsets[index + 1]])
+        return np.concatenate(pieces), np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+
+
+def _flat(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """A list<int32> column's values and offsets as numpy arrays (views of the memory map)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    return array.values.to_numpy(), array.offsets.to_numpy().astype(np.int64)
 
 
 def add_hashes(shards: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
