@@ -12,6 +12,7 @@ learns to stop.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -81,6 +82,20 @@ class ChatEncoder:
             template = None
         return cls(tokenizer.backend_tokenizer, template, dict(tokenizer.special_tokens_map),
                    tuple(tokenizer.all_special_tokens), tokenizer.eos_token_id)
+
+    def to_json(self) -> str:
+        """The encoder as JSON (the Rust tokenizer's own JSON inside): what prep keeps beside its chunks."""
+        return json.dumps({"tokenizer": self.backend.to_str(), "chat_template": self.chat_template,
+                           "special_tokens_map": self.special_tokens_map, "special_tokens": list(self.special_tokens),
+                           "eos_token_id": self.eos_token_id})
+
+    @classmethod
+    def from_json(cls, text: str) -> ChatEncoder:
+        from tokenizers import Tokenizer
+
+        saved = json.loads(text)
+        return cls(Tokenizer.from_str(saved["tokenizer"]), saved["chat_template"], saved["special_tokens_map"],
+                   tuple(saved["special_tokens"]), saved["eos_token_id"])
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_skeletons": {}, "_compiled": None, "_special_pattern": None}

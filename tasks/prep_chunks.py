@@ -25,7 +25,6 @@ import hashlib
 import itertools
 import json
 import os
-import pickle
 import shutil
 import zlib
 from collections.abc import Iterator
@@ -178,20 +177,20 @@ def recipe(cfg: RunConfig, dataset: DatasetConfig, tokenizer: str) -> str:
 
 
 def encoder_for(cfg: RunConfig, tokenizer_key: str) -> ChatEncoder:
-    """The run's tokenizer as a `ChatEncoder`, kept beside the chunks: a prep that only has a few
-    new rows to tokenize then never imports transformers' tokenizer classes (about 3 s)."""
-    path = chunks_root(cfg) / f"encoder-{tokenizer_key}.pickle"
+    """The run's tokenizer as a `ChatEncoder`, kept beside the chunks as JSON: a prep that only has
+    a few new rows to tokenize then never imports transformers' tokenizer classes (about 3 s)."""
+    path = chunks_root(cfg) / f"encoder-{tokenizer_key}.json"
     if path.is_file():
         try:
-            return pickle.loads(path.read_bytes())
-        except Exception:  # noqa: BLE001 - a damaged or outdated file only costs loading the tokenizer again
+            return ChatEncoder.from_json(path.read_text(encoding="utf-8"))
+        except Exception:  # noqa: BLE001 - a damaged file only costs loading the tokenizer again
             pass
     from tasks import hub
     from tasks.tokenizer import load_tokenizer
 
     encoder = ChatEncoder.of(load_tokenizer(cfg, hub.base_model_dir(cfg)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(path, pickle.dumps(encoder))
+    atomic.write_text(path, encoder.to_json())
     return encoder
 
 

@@ -49,3 +49,10 @@ def test_the_encoder_pickles_and_tokenizes_like_the_tokenizer(tiny_tokenizer: An
         from_encoder = tokenize_conversation(encoder, messages, roles_to_train)
         from_tokenizer = tokenize_conversation(tiny_tokenizer, messages, roles_to_train)
         assert (from_encoder.input_ids, from_encoder.labels) == (from_tokenizer.input_ids, from_tokenizer.labels)
+
+
+def test_the_encoder_saved_as_json_tokenizes_like_the_tokenizer(tiny_tokenizer: Any) -> None:
+    encoder = ChatEncoder.from_json(ChatEncoder.of(tiny_tokenizer).to_json())
+    for messages in ROWS[:10] + [MULTI_TURN]:
+        restored, original = tokenize_conversation(encoder, messages), tokenize_conversation(tiny_tokenizer, messages)
+        assert (restored.input_ids, restored.labels) == (original.input_ids, original.labels)
