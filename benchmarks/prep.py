@@ -93,7 +93,7 @@ class AnonymousMemory:
 
 
 def word_counts(rng: np.random.Generator, count: int, median: float, low: int, high: int) -> np.ndarray:
-    return np.clip(np.round(rng.lognormal(np.log(median), 0.9, count)), low, high).astype(np.int64)
+    return np.clip(np.round(rng.lognormal(np.log(median), 1.05, count)), low, high).astype(np.int64)
 
 
 def vocabulary(model_dir: Path) -> np.ndarray:
@@ -113,9 +113,9 @@ def vocabulary(model_dir: Path) -> np.ndarray:
 
 
 def write_rows(path: Path, rows: int, words: np.ndarray, seed: int = SEED, mode: str = "w") -> dict[str, Any]:
-    """System + user (median 115 words, long tail to 1,600) + assistant (median 45 words, to 700)."""
+    """System + user (median 115 words, long tail to 2,000) + assistant (median 45 words, to 700)."""
     rng = np.random.default_rng(seed)
-    user_words = word_counts(rng, rows, median=115, low=5, high=1600)
+    user_words = word_counts(rng, rows, median=115, low=5, high=2000)
     answer_words = word_counts(rng, rows, median=45, low=3, high=700)
     systems = rng.integers(0, len(SYSTEM_PROMPTS), rows)
     with path.open(mode, encoding="utf-8") as handle:

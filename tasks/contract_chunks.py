@@ -26,7 +26,7 @@ from tasks.contracts import Contract, merge_summaries, needs_whole_column, valid
 from tasks.fingerprint import hash_json
 from tasks.prep_chunks import ChunkOutput, chunks_root
 
-CONTRACT_FRAME_ROWS = 100_000
+CONTRACT_FRAME_ROWS = 50_000
 
 
 def validate_chunks(cfg: RunConfig, contract: Contract, accepted_rows: list[tuple[str, list[int], ChunkOutput]],
