@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from tasks import atomic
 from tasks.chat_tokens import ContentError
 from tasks.config import DatasetConfig, RunConfig
-from tasks.contract_chunks import validate_chunks
+from tasks.contract_chunks import CONTRACT_FRAME_ROWS, validate_chunks
 from tasks.contracts import ContractError, describe_failures, load_contract, validate_frames
 from tasks.fingerprint import FileHasher, hash_json
 from tasks.formats import DatasetError, Rejected, check_source, read_conversations
@@ -53,7 +53,6 @@ from tasks.shards import PackedSamples, add_hashes, write_shards
 log = logging.getLogger("loraflow.prep")
 
 ROWS_PER_SHARD = 50_000
-CONTRACT_CHUNK_ROWS = 100_000
 VAL_ITEMS = "val_messages.jsonl"
 PROBE_ITEMS = "probe_messages.jsonl"
 PROBE_ROWS = 16
@@ -355,7 +354,7 @@ def _frames(rows: Iterator[dict[str, Any]]) -> Iterator[Any]:
     chunk: list[dict[str, Any]] = []
     for row in rows:
         chunk.append(row)
-        if len(chunk) == CONTRACT_CHUNK_ROWS:
+        if len(chunk) == CONTRACT_FRAME_ROWS:
             yield pd.DataFrame(chunk)
             chunk = []
     if chunk:
